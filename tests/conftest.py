@@ -1,0 +1,64 @@
+"""Shared test plumbing: import the dash-named scripts, the test cache, and
+the rule that root/loop/qemu tests may skip on a developer machine that
+cannot run them but never in CI (CI=true turns such a skip into a failure)."""
+
+import importlib.machinery
+import importlib.util
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+CACHE_DIR = Path(os.environ.get("SNF_IMAGE_TEST_CACHE", "/var/cache/snf-image-tests"))
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def load_script(name, module_name=None):
+    """Import a script of the repository (e.g. 'snf-image-host.py') as a module."""
+    path = REPO / name
+    module_name = module_name or path.stem.replace("-", "_")
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    loader = importlib.machinery.SourceFileLoader(module_name, str(path))
+    spec = importlib.util.spec_from_loader(module_name, loader)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    loader.exec_module(module)
+    return module
+
+
+def require(condition, reason):
+    """Skip when the machine cannot run the test; in CI, fail instead."""
+    if condition:
+        return
+    if IN_CI:
+        pytest.fail(f"required in CI but unavailable: {reason}")
+    pytest.skip(reason)
+
+
+def require_root():
+    require(os.geteuid() == 0, "needs root")
+
+
+def require_programs(*programs):
+    missing = [p for p in programs if shutil.which(p) is None]
+    require(not missing, f"needs {', '.join(missing)}")
+
+
+@pytest.fixture(scope="session")
+def host():
+    return load_script("snf-image-host.py")
+
+
+@pytest.fixture(scope="session")
+def helper():
+    return load_script("snf-image-helper.py", "snf_image_helper")
+
+
+@pytest.fixture(scope="session")
+def cache_dir():
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    return CACHE_DIR
