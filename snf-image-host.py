@@ -1,0 +1,2350 @@
+#!/usr/bin/python3
+"""snf-image host side: the Ganeti OS definition's program (runs as root on the node).
+
+Pipeline of `create`: image source (local file, URL, null or a site back-end)
+→ optional decompression and checksum → O_DIRECT copy onto the Ganeti disk
+(with a synthesized MBR for filesystem dumps) → floppy with rules.json +
+answer files → unprivileged helper VM (qemu -runas) that runs the
+customization tasks against the disk → `SUCCESS` on its result port → exit 0.
+
+Verbs: create, import, export, rename, verify (called by the os-def/ wrappers
+with Ganeti's environment, OS API 20) and `deploy` (the same pipeline without
+Ganeti, onto a disk file or block device). Exit codes: 0 success, 1 the
+operation failed, 2 bad usage / parameters / configuration, 3 helper VM failed.
+The last line printed on failure is the one-line root cause.
+"""
+
+import sys
+
+if sys.version_info < (3, 11):
+    sys.exit("ERROR: snf-image-host.py needs Python 3.11 or newer")
+
+import argparse
+import base64
+import binascii
+import bz2
+import errno
+import fcntl
+import gzip
+import hashlib
+import io
+import json
+import lzma
+import mmap
+import os
+import queue
+import re
+import secrets
+import selectors
+import shlex
+import shutil
+import signal
+import stat
+import struct
+import subprocess
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+# ---------------------------------------------------------------------------
+# Constants
+# ---------------------------------------------------------------------------
+
+VERSION = "0.24.0"
+OS_DIR = Path(__file__).resolve().parent
+DEFAULT_CONFIG_FILE = "/etc/default/snf-image"
+RUN_DIR = Path("/run/snf-image")
+OS_API_VERSION = "20"
+MIB = 1024 * 1024
+MBR_HEADER_SIZE = MIB            # filesystem dumps start at sector 2048
+FILE_DIRECT_ALIGNMENT = 4096     # safe O_DIRECT alignment for regular files
+BLKSSZGET = 0x1268
+BLKGETSIZE64 = 0x80081272
+F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+FLOPPY_SIZE = 1440 * 1024
+KVM_PROBE_TIMEOUT = 3.0
+MBR_BIN_CANDIDATES = ("/usr/lib/syslinux/mbr/mbr.bin", "/usr/lib/SYSLINUX/mbr.bin",
+                      "/usr/share/syslinux/mbr.bin", "/usr/lib/syslinux/mbr.bin")
+
+# The twelve OS parameters of parameters.list, in upstream's order.
+OS_PARAMETERS = ("img_id", "img_format", "img_passwd", "img_passwd_hash", "auth_keys",
+                 "img_properties", "img_personality", "inst_properties", "config_url",
+                 "os_product_key", "os_answer_file", "cloud_userdata")
+SECRET_PARAMETERS = frozenset({"img_passwd", "img_passwd_hash", "auth_keys", "img_personality",
+                               "os_product_key", "cloud_userdata", "inst_properties",
+                               "img_properties"})
+IMAGE_FORMATS = ("diskdump", "extdump", "ntfsdump")
+NIC_CONFIGS = ("", "dhcp", "dhcpv6", "slaac", "slaac_dhcp", "dhcp+dhcpv6", "dhcp+slaac",
+               "dhcp+slaac_dhcp")
+
+# Microsoft time zone names and their sysprep.inf indexes (upstream's
+# ms-timezone-indexes.txt).
+WINDOWS_TIMEZONES = {
+    "000": "Dateline Standard Time", "001": "Samoa Standard Time",
+    "002": "Hawaiian Standard Time", "003": "Alaskan Standard Time",
+    "004": "Pacific Standard Time", "010": "Mountain Standard Time",
+    "013": "Mexico Standard Time 2", "015": "U.S. Mountain Standard Time",
+    "020": "Central Standard Time", "025": "Canada Central Standard Time",
+    "030": "Mexico Standard Time", "033": "Central America Standard Time",
+    "035": "Eastern Standard Time", "040": "U.S. Eastern Standard Time",
+    "045": "S.A. Pacific Standard Time", "050": "Atlantic Standard Time",
+    "055": "S.A. Western Standard Time", "056": "Pacific S.A. Standard Time",
+    "060": "Newfoundland and Labrador Standard Time", "065": "E. South America Standard Time",
+    "070": "S.A. Eastern Standard Time", "073": "Greenland Standard Time",
+    "075": "Mid-Atlantic Standard Time", "080": "Azores Standard Time",
+    "083": "Cape Verde Standard Time", "085": "GMT Standard Time",
+    "090": "Greenwich Standard Time", "095": "Central Europe Standard Time",
+    "100": "Central European Standard Time", "105": "Romance Standard Time",
+    "110": "W. Europe Standard Time", "113": "W. Central Africa Standard Time",
+    "115": "E. Europe Standard Time", "120": "Egypt Standard Time",
+    "125": "FLE Standard Time", "130": "GTB Standard Time",
+    "135": "Israel Standard Time", "140": "South Africa Standard Time",
+    "145": "Russian Standard Time", "150": "Arab Standard Time",
+    "155": "E. Africa Standard Time", "158": "Arabic Standard Time",
+    "160": "Iran Standard Time", "165": "Arabian Standard Time",
+    "170": "Caucasus Standard Time",
+    "175": "Transitional Islamic State of Afghanistan Standard Time",
+    "180": "Ekaterinburg Standard Time", "185": "West Asia Standard Time",
+    "190": "India Standard Time", "193": "Nepal Standard Time",
+    "195": "Central Asia Standard Time", "200": "Sri Lanka Standard Time",
+    "201": "N. Central Asia Standard Time", "203": "Myanmar Standard Time",
+    "205": "S.E. Asia Standard Time", "207": "North Asia Standard Time",
+    "210": "China Standard Time", "215": "Singapore Standard Time",
+    "220": "Taipei Standard Time", "225": "W. Australia Standard Time",
+    "227": "North Asia East Standard Time", "230": "Korea Standard Time",
+    "235": "Tokyo Standard Time", "240": "Yakutsk Standard Time",
+    "245": "A.U.S. Central Standard Time", "250": "Cen. Australia Standard Time",
+    "255": "A.U.S. Eastern Standard Time", "260": "E. Australia Standard Time",
+    "265": "Tasmania Standard Time", "270": "Vladivostok Standard Time",
+    "275": "West Pacific Standard Time", "280": "Central Pacific Standard Time",
+    "285": "Fiji Islands Standard Time", "290": "New Zealand Standard Time",
+    "300": "Tonga Standard Time",
+}
+
+UNATTEND_TEMPLATE = """<?xml version="1.0" encoding="utf-8"?>
+<!-- Default answer file written by snf-image (time zone from WINDOWS_TIMEZONE). -->
+<unattend xmlns="urn:schemas-microsoft-com:unattend">
+{components}
+</unattend>
+"""
+UNATTEND_COMPONENTS = """  <settings pass="specialize">
+    <component name="Microsoft-Windows-Shell-Setup" processorArchitecture="{arch}" publicKeyToken="31bf3856ad364e35" language="neutral" versionScope="nonSxS" xmlns:wcm="http://schemas.microsoft.com/WMIConfig/2002/State">
+      <ComputerName>*</ComputerName>
+      <TimeZone>{timezone}</TimeZone>
+      <DisableAutoDaylightTimeSet>false</DisableAutoDaylightTimeSet>
+      <RegisteredOrganization>snf-image</RegisteredOrganization>
+      <RegisteredOwner>snf-image</RegisteredOwner>
+    </component>
+  </settings>
+  <settings pass="oobeSystem">
+    <component name="Microsoft-Windows-International-Core" processorArchitecture="{arch}" publicKeyToken="31bf3856ad364e35" language="neutral" versionScope="nonSxS" xmlns:wcm="http://schemas.microsoft.com/WMIConfig/2002/State">
+      <InputLocale>en-US</InputLocale>
+      <SystemLocale>en-US</SystemLocale>
+      <UILanguage>en-US</UILanguage>
+      <UserLocale>en-US</UserLocale>
+    </component>
+    <component name="Microsoft-Windows-Shell-Setup" processorArchitecture="{arch}" publicKeyToken="31bf3856ad364e35" language="neutral" versionScope="nonSxS" xmlns:wcm="http://schemas.microsoft.com/WMIConfig/2002/State">
+      <OOBE>
+        <HideEULAPage>true</HideEULAPage>
+        <NetworkLocation>Other</NetworkLocation>
+        <ProtectYourPC>1</ProtectYourPC>
+      </OOBE>
+    </component>
+  </settings>"""
+SYSPREP_TEMPLATE = """;Default sysprep.inf written by snf-image (time zone from WINDOWS_TIMEZONE)
+[Unattended]
+OemSkipEula=Yes
+InstallFilesPath=C:\\sysprep\\i386
+
+[GuiUnattended]
+OEMSkipRegional=1
+TimeZone={timezone_index}
+OemSkipWelcome=1
+
+[UserData]
+FullName="User"
+OrgName="snf-image"
+ComputerName=*
+
+[Identification]
+JoinWorkgroup=WORKGROUP
+
+[Networking]
+InstallDefaultComponents=Yes
+"""
+
+# A 512-byte boot sector that prints "SNF-KVM-OK" to COM1 in a loop: the
+# probe guest that tells whether KVM really runs guests on this host.
+KVM_PROBE_MESSAGE = b"SNF-KVM-OK"
+KVM_PROBE_CODE = bytes.fromhex("fa31c08ed8be207cac84c07406baf803eeebf5bf0008b9ffffe2fe4f75f8ebe5")
+
+
+# ---------------------------------------------------------------------------
+# Errors and output
+# ---------------------------------------------------------------------------
+
+class SnfError(Exception):
+    """An expected failure: printed as one line by main(), exit code attached."""
+
+    def __init__(self, message, exit_code=1):
+        super().__init__(" ".join(str(message).split()))
+        self.exit_code = exit_code
+
+
+def usage_error(message):
+    return SnfError(message, exit_code=2)
+
+
+def _timestamp():
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
+
+
+def log(message, level="INFO"):
+    """Everything goes to stderr: for export, stdout carries the disk data."""
+    try:
+        print(f"{_timestamp()} {level}: {message}", file=sys.stderr, flush=True)
+    except (BrokenPipeError, ValueError):
+        pass
+
+
+def warn(message):
+    log(message, "WARNING")
+
+
+def redact_url(url):
+    """Drop user:password@ from a URL before it is logged."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return "<unparsable URL>"
+    if parts.username is None and parts.password is None:
+        return url
+    netloc = parts.hostname or ""
+    if parts.port:
+        netloc += f":{parts.port}"
+    return urllib.parse.urlunsplit((parts.scheme, "***@" + netloc, parts.path, parts.query, ""))
+
+
+def open_url(url, timeout=60):
+    """urlopen() that also understands http://user:password@host/ (Basic auth)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.username is None or parts.scheme.lower() not in ("http", "https"):
+        return urllib.request.urlopen(url, timeout=timeout)
+    netloc = parts.hostname + (f":{parts.port}" if parts.port else "")
+    if ":" in parts.hostname:
+        netloc = f"[{parts.hostname}]" + (f":{parts.port}" if parts.port else "")
+    plain = urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, parts.query, ""))
+    user = urllib.parse.unquote(parts.username)
+    password = urllib.parse.unquote(parts.password or "")
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    request = urllib.request.Request(plain, headers={"Authorization": "Basic " + token})
+    return urllib.request.urlopen(request, timeout=timeout)
+
+
+def human_size(count):
+    return f"{count / MIB:.1f} MiB"
+
+
+# ---------------------------------------------------------------------------
+# Configuration: one table of settings, parsed (never executed) from
+# /etc/default/snf-image and the variant file
+# ---------------------------------------------------------------------------
+
+def parse_duration(text):
+    """timeout(1) syntax: a number with an optional s/m/h/d suffix → seconds."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?|\.\d+)\s*([smhd]?)\s*", text)
+    if not match:
+        raise ValueError("expected a duration such as 120, 90s, 2m, 1h or 1d")
+    return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+
+
+def parse_byte_size(text):
+    """`4M`, `1048576`, `512K`, `1G` → bytes."""
+    match = re.fullmatch(r"\s*(\d+)\s*([KMG]?)(i?B)?\s*", text, re.IGNORECASE)
+    if not match:
+        raise ValueError("expected a size such as 4M, 1024K or 1048576")
+    return int(match.group(1)) * {"": 1, "K": 1024, "M": MIB, "G": 1024 * MIB}[match.group(2).upper()]
+
+
+def _check_yes_no(text):
+    if text not in ("yes", "no"):
+        raise ValueError("expected yes or no")
+    return text == "yes"
+
+
+def _check_choice(choices):
+    def check(text):
+        if text not in choices:
+            raise ValueError("expected one of " + ", ".join(repr(c) for c in choices))
+        return text
+    return check
+
+
+def _check_positive_int(text):
+    if not re.fullmatch(r"\d+", text.strip()) or int(text) <= 0:
+        raise ValueError("expected a positive integer")
+    return int(text)
+
+
+def _check_buffer_size(text):
+    size = parse_byte_size(text)
+    if size < 4096 or size % 4096 or size > 256 * MIB:
+        raise ValueError("expected a multiple of 4K between 4K and 256M")
+    return size
+
+
+def _check_command(text):
+    argv = shlex.split(text)
+    if not argv:
+        raise ValueError("expected a program name")
+    return argv
+
+
+def _check_optional_command(text):
+    return shlex.split(text)
+
+
+def _check_timezone(text):
+    for index, name in WINDOWS_TIMEZONES.items():
+        if name.lower() == text.strip().lower():
+            return (name, index)
+    raise ValueError("not a Windows time zone name (e.g. 'GMT Standard Time', 'W. Europe Standard Time')")
+
+
+def _check_user(text):
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", text):
+        raise ValueError("expected a user name")
+    return text
+
+
+def _as_is(text):
+    return text
+
+
+class Setting:
+    def __init__(self, name, default, convert, help_text):
+        self.name, self.default, self.convert, self.help = name, default, convert, help_text
+
+
+SETTINGS = (
+    Setting("IMAGE_DIR", "/var/lib/snf-image", _as_is, "directory of local images (local://NAME)"),
+    Setting("HELPER_DIR", "/var/lib/snf-image/helper", _as_is, "helper VM files written by snf-image-update-helper"),
+    Setting("HELPER_SOFT_TIMEOUT", "120", parse_duration, "helper VM run time before SIGTERM (120, 2m, 1h)"),
+    Setting("HELPER_HARD_TIMEOUT", "5", parse_duration, "extra time after SIGTERM before SIGKILL"),
+    Setting("HELPER_USER", "nobody", _check_user, "user qemu runs as (-runas)"),
+    Setting("HELPER_MEMORY", "256", _check_positive_int, "helper VM memory in MiB"),
+    Setting("HELPER_DEBUG", "no", _check_yes_no, "yes: debug shell on a pty instead of powering off after a failure"),
+    Setting("HELPER_ACCEL", "auto", _check_choice(("auto", "kvm", "tcg")), "qemu accelerator: kvm, tcg or auto"),
+    Setting("HELPER_DEBIAN_SUITE", "trixie", _as_is, "Debian suite of the helper (builder)"),
+    Setting("HELPER_DEBIAN_MIRROR", "", _as_is, "Debian mirror for the helper (builder); empty: host's APT sources"),
+    Setting("IMAGE_DEBUG", "no", _check_yes_no, "yes: log every external command"),
+    Setting("CLOUD_INIT_DEBUG", "no", _check_yes_no, "yes: cloud-init debug logging in the image"),
+    Setting("PROGRESS_MONITOR", "", _check_optional_command, "program receiving the JSON progress messages on stdin"),
+    Setting("UNATTEND", "", _as_is, "deprecated: unattend.xml to use instead of the default one"),
+    Setting("WINDOWS_TIMEZONE", "GMT Standard Time", _check_timezone, "Windows time zone for the default answer files"),
+    Setting("VARIANTS_DIR", "/etc/ganeti/snf-image/variants", _as_is, "directory of VARIANT.conf files"),
+    Setting("BACKENDS_DIR", str(OS_DIR / "backends"), _as_is, "external back-ends {src,dst}/NAME"),
+    Setting("BACKENDS_CONFIG_DIR", "/etc/snf-image/backends", _as_is, "{src,dst}/NAME.priority and NAME.disabled"),
+    Setting("DHCP_TAGS", "auto dhcp nfdhcpd", _as_is, "network tags meaning DHCPv4"),
+    Setting("STATEFUL_DHCPV6_TAGS", "dhcpv6 stateful_dhcpv6", _as_is, "network tags meaning DHCPv6"),
+    Setting("STATELESS_DHCPV6_TAGS", "nfdhcpd stateless_dhcpv6", _as_is, "network tags meaning SLAAC + stateless DHCPv6"),
+    Setting("DEFAULT_NIC_CONFIG", "dhcp", _check_choice(NIC_CONFIGS), "configuration of a lone NIC without information"),
+    Setting("COPY_BUFFER_SIZE", "4M", _check_buffer_size, "O_DIRECT copy buffer size"),
+    Setting("COPY_OVERLAP", "yes", _check_yes_no, "read the next buffer while the previous one is written"),
+    Setting("PROGRESS_INTERVAL", "3", parse_duration, "seconds between copy progress messages"),
+    Setting("MBR_BIN", "", _as_is, "boot code for filesystem dumps; empty: syslinux's mbr.bin"),
+    Setting("XEN_SCRIPTS_DIR", "/etc/xen/scripts", _as_is, "unused (accepted for compatibility)"),
+    Setting("XEN_CMD", "xl", _as_is, "unused (accepted for compatibility)"),
+    Setting("MULTISTRAP_CONFIG", "/etc/snf-image/multistrap.conf", _as_is, "helper builder"),
+    Setting("MULTISTRAP_APTPREFDIR", "/etc/snf-image/apt.pref.d", _as_is, "helper builder"),
+    Setting("QEMU", "qemu-system-x86_64", _check_command, "qemu program"),
+    Setting("QEMU_IMG", "qemu-img", _check_command, "qemu-img program"),
+    Setting("MKFS_EXT2", "mkfs.ext2", _check_command, "mkfs.ext2 program (floppy)"),
+    Setting("MULTISTRAP", "multistrap", _check_command, "multistrap program (builder)"),
+    Setting("LOSETUP", "losetup", _check_command, "losetup program"),
+)
+SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
+DEPRECATED_SETTINGS = {"VERSION_CHECK": "VERSION_CHECK is obsolete and ignored",
+                       "KVM": "KVM is replaced by QEMU", "CURL": "CURL is no longer used (urllib)"}
+
+
+def _unquote_double(text, where):
+    out, i = [], 0
+    while i < len(text):
+        char = text[i]
+        if char == "\\" and i + 1 < len(text):
+            nxt = text[i + 1]
+            if nxt in '"\\$`':
+                out.append(nxt)
+            elif nxt == "\n":
+                pass
+            else:
+                out.append("\\" + nxt)
+            i += 2
+            continue
+        if char == "$" or char == "`":
+            raise ValueError(f"{where}: variable or command expansion is not supported "
+                             "(write the value literally, or use single quotes)")
+        out.append(char)
+        i += 1
+    return "".join(out)
+
+
+def parse_config_text(text, source):
+    """Parse KEY="value" / KEY='value' / KEY=value / export KEY=... lines.
+
+    Returns {KEY: value}. Never executes anything; raises ValueError with a
+    one-line message naming the file, line and key on a syntax error.
+    """
+    values = {}
+    assignment = re.compile(r"(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)=(.*)", re.DOTALL)
+    lines = text.split("\n")
+    lineno = 0
+    while lineno < len(lines):
+        raw = lines[lineno]
+        lineno += 1
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        match = assignment.fullmatch(line)
+        if not match:
+            raise ValueError(f"{source} line {lineno}: cannot parse {line.split('=')[0][:40]!r} "
+                             "(expected KEY=\"value\")")
+        key, rest = match.group(1), match.group(2)
+        where = f"{source} line {lineno} ({key})"
+        if rest.startswith('"') or rest.startswith("'"):
+            quote = rest[0]
+            body = rest[1:]
+            # a quoted value may span lines
+            while True:
+                end = _closing_quote(body, quote)
+                if end is not None or lineno >= len(lines):
+                    break
+                body += "\n" + lines[lineno]
+                lineno += 1
+            if end is None:
+                raise ValueError(f"{where}: missing closing {quote}")
+            value = body[:end]
+            trailer = body[end + 1:].strip()
+            if trailer and not trailer.startswith("#"):
+                raise ValueError(f"{where}: unexpected text after the closing quote")
+            values[key] = _unquote_double(value, where) if quote == '"' else value
+        else:
+            value = re.split(r"\s+#", rest, maxsplit=1)[0].strip()
+            if re.search(r"[\s\"'`$;&|<>()]", value):
+                raise ValueError(f"{where}: unquoted value contains spaces or shell characters "
+                                 "(quote it)")
+            values[key] = value.replace("\\", "")
+    return values
+
+
+def _closing_quote(body, quote):
+    i = 0
+    while i < len(body):
+        if quote == '"' and body[i] == "\\":
+            i += 2
+            continue
+        if body[i] == quote:
+            return i
+        i += 1
+    return None
+
+
+def read_config_file(path):
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SnfError(f"cannot read configuration file {path}: {exc}", 2) from None
+    try:
+        return parse_config_text(text, path)
+    except ValueError as exc:
+        raise SnfError(f"invalid configuration: {exc}", 2) from None
+
+
+class Config:
+    """The settings in effect plus the OS parameters pre-set by configuration files."""
+
+    def __init__(self, values, raw):
+        self._values = values
+        self.raw = raw          # every KEY=value read from the files (OS parameters included)
+
+    def __getattr__(self, name):
+        try:
+            return self._values[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def items(self):
+        return self._values.items()
+
+
+def load_config(environ, variant=None):
+    """Built-in defaults < configuration file < variant file (inventory §1.7)."""
+    explicit = environ.get("SNF_IMAGE_CONFIG")
+    path = explicit or DEFAULT_CONFIG_FILE
+    raw = {}
+    file_values = read_config_file(path)
+    if file_values is None and explicit:
+        raise SnfError(f"configuration file {path} (SNF_IMAGE_CONFIG) does not exist", 2)
+    raw.update(file_values or {})
+    if variant:
+        variants_dir = raw.get("VARIANTS_DIR") or SETTINGS_BY_NAME["VARIANTS_DIR"].default
+        raw.update(read_variant_file(variants_dir, variant))
+    return finalize_config(raw)
+
+
+def read_variant_file(variants_dir, variant):
+    if not re.fullmatch(r"[A-Za-z0-9_.+-]+", variant) or variant.startswith("."):
+        raise SnfError(f"invalid OS variant name {variant!r}", 2)
+    if not os.path.isdir(variants_dir):
+        raise SnfError(f"OS variants directory {variants_dir} does not exist", 2)
+    path = os.path.join(variants_dir, variant + ".conf")
+    values = read_config_file(path)
+    if values is None:
+        if variant in listed_variants():
+            raise SnfError(f"published variant {variant!r} is missing its configuration file {path}", 2)
+        raise SnfError(f"unofficial variant {variant!r} is not supported (no {path})", 2)
+    return values
+
+
+def listed_variants():
+    for path in (OS_DIR / "variants.list", OS_DIR / "os-def" / "variants.list"):  # installed, repository
+        try:
+            lines = path.read_text().splitlines()
+            break
+        except OSError:
+            continue
+    else:
+        return []
+    return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+
+
+def finalize_config(raw):
+    values = {}
+    for setting in SETTINGS:
+        text = raw.get(setting.name, "")
+        if text == "":          # upstream's ${VAR:=default}: empty means default
+            text = setting.default
+        try:
+            values[setting.name] = setting.convert(text)
+        except ValueError as exc:
+            raise SnfError(f"invalid configuration value {setting.name}={text!r}: {exc}", 2) from None
+    for name, message in DEPRECATED_SETTINGS.items():
+        if name in raw:
+            warn(f"configuration: {message}")
+    if values["HELPER_HARD_TIMEOUT"] <= 0:
+        values["HELPER_HARD_TIMEOUT"] = 1.0
+    return Config(values, raw)
+
+
+# ---------------------------------------------------------------------------
+# OS parameters: collection (precedence, set versus empty) and validation
+# ---------------------------------------------------------------------------
+
+def collect_parameters(environ, config, fetch_config_url=True):
+    """{name: value} for every parameter that is *set* (possibly to "")."""
+    params = {}
+    for name in OS_PARAMETERS:
+        if name.upper() in config.raw:
+            params[name] = config.raw[name.upper()]
+    for name in OS_PARAMETERS:
+        key = "OSP_" + name.upper()
+        if key in environ:
+            params[name] = environ[key]
+    if fetch_config_url and params.get("config_url"):
+        params.update(fetch_config_url_params(params["config_url"]))
+    return params
+
+
+def fetch_config_url_params(url):
+    if not re.match(r"https?://", url, re.IGNORECASE):
+        raise SnfError("config_url must be an http:// or https:// URL", 2)
+    log(f"Downloading configuration parameters from: {redact_url(url)}")
+    try:
+        with open_url(url) as response:
+            body = response.read(16 * MIB)
+    except urllib.error.HTTPError as exc:
+        raise SnfError(f"cannot fetch config_url {redact_url(url)}: HTTP {exc.code} {exc.reason}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise SnfError(f"cannot fetch config_url {redact_url(url)}: {reason}") from None
+    return decode_config_document(body)
+
+
+def decode_config_document(body):
+    """The config_url JSON: an object; keys case-insensitive; string values only."""
+    try:
+        document = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise SnfError("config_url document is not valid JSON") from None
+    if not isinstance(document, dict):
+        raise SnfError("config_url document must be a JSON object")
+    params = {}
+    for key, value in document.items():
+        name = str(key).lower()
+        if name not in OS_PARAMETERS:
+            continue
+        if not isinstance(value, str):
+            raise SnfError(f"config_url document: the value of {name} must be a string "
+                           "(encode JSON values such as img_properties as a string)")
+        params[name] = value
+    return params
+
+
+PRODUCT_KEY_RE = re.compile(r"([a-zA-Z0-9]{5}-){4}[a-zA-Z0-9]{5}")
+ANSWER_FILE_RE = re.compile(r"(https?|ftps?|file)://.+", re.IGNORECASE)
+PROPERTY_NAME_RE = re.compile(r"[A-Za-z0-9_]+")
+
+
+def _validate_properties(name, text):
+    if text == "":
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return f"{name} is not valid JSON"
+    if not isinstance(value, dict):
+        return f"{name} must be a JSON object of property names to values"
+    for key, item in value.items():
+        if not PROPERTY_NAME_RE.fullmatch(key):
+            return f"{name}: property name {key[:40]!r} may only contain letters, digits and _"
+        if isinstance(item, (dict, list)) or item is None:
+            return f"{name}: the value of property {key} must be a string, number or boolean"
+    return None
+
+
+def _validate_personality(text):
+    if text == "":
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return "img_personality is not valid JSON"
+    if not isinstance(value, list):
+        return "img_personality must be a JSON list of {path, contents, owner, group, mode} objects"
+    allowed = {"path", "contents", "owner", "group", "mode"}
+    for index, entry in enumerate(value):
+        where = f"img_personality entry {index}"
+        if not isinstance(entry, dict):
+            return f"{where} is not a JSON object"
+        unknown = set(entry) - allowed
+        if unknown:
+            return f"{where}: unknown key {sorted(unknown)[0]!r} (allowed: contents, group, mode, owner, path)"
+        path = entry.get("path")
+        if not isinstance(path, str) or not path.startswith("/") or "\0" in path or path.rstrip("/") == "":
+            return f"{where}: path must be an absolute file path"
+        contents = entry.get("contents")
+        if not isinstance(contents, str):
+            return f"{where}: contents (base64) is missing"
+        try:
+            base64.b64decode(contents, validate=True)
+        except (binascii.Error, ValueError):
+            return f"{where}: contents is not valid base64"
+        for key in ("owner", "group"):
+            if key in entry and not (isinstance(entry[key], str)
+                                     and re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*\$?", entry[key])):
+                return f"{where}: {key} must be a user or group name"
+        if "mode" in entry:
+            mode = entry["mode"]
+            if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o7777:
+                return f"{where}: mode must be an integer between 0 and 4095 (e.g. 420 for 0644)"
+    return None
+
+
+def validate_parameters(params, require_image=True):
+    """Return a list of one-line problems (empty: valid). Secret values are never quoted."""
+    problems = []
+    has_config_url = bool(params.get("config_url"))
+    if "config_url" in params and params["config_url"] != "" \
+            and not re.fullmatch(r"https?://[^\s/]+.*", params["config_url"], re.IGNORECASE):
+        problems.append("Invalid OS parameter config_url: must be an http:// or https:// URL")
+    if require_image and not has_config_url:
+        for name in ("img_id", "img_format"):
+            if not params.get(name):
+                problems.append(f"Missing OS parameter: {name}")
+    fmt = params.get("img_format")
+    if fmt and fmt not in IMAGE_FORMATS:
+        problems.append(f"Invalid OS parameter img_format: {fmt[:40]!r} "
+                        "(valid values: diskdump, extdump, ntfsdump)")
+    img_id = params.get("img_id")
+    if img_id:
+        problem = _validate_image_id(img_id, fmt)
+        if problem:
+            problems.append(problem)
+    if "img_passwd" in params and "img_passwd_hash" in params:
+        problems.append("Conflicting OS parameters img_passwd and img_passwd_hash: give only one")
+    passwd_hash = params.get("img_passwd_hash")
+    if passwd_hash and re.search(r"[:\s]", passwd_hash):
+        problems.append("Invalid OS parameter img_passwd_hash: a password hash cannot contain ':' or spaces")
+    if "\0" in params.get("img_passwd", ""):
+        problems.append("Invalid OS parameter img_passwd: contains a NUL character")
+    for name in ("img_properties", "inst_properties"):
+        if name in params:
+            problem = _validate_properties(name, params[name])
+            if problem:
+                problems.append("Invalid OS parameter " + problem)
+    if "img_personality" in params:
+        problem = _validate_personality(params["img_personality"])
+        if problem:
+            problems.append("Invalid OS parameter " + problem)
+    if "cloud_userdata" in params and params["cloud_userdata"] != "":
+        try:
+            base64.b64decode("".join(params["cloud_userdata"].split()), validate=True)
+        except (binascii.Error, ValueError):
+            problems.append("Invalid OS parameter cloud_userdata: not valid base64")
+    if "os_product_key" in params and not PRODUCT_KEY_RE.fullmatch(params["os_product_key"]):
+        problems.append("Invalid OS parameter os_product_key: expected XXXXX-XXXXX-XXXXX-XXXXX-XXXXX")
+    if "os_answer_file" in params and not ANSWER_FILE_RE.fullmatch(params["os_answer_file"]):
+        problems.append("Invalid OS parameter os_answer_file: expected an http(s)://, ftp(s):// or file:// URL")
+    if "\0" in params.get("auth_keys", ""):
+        problems.append("Invalid OS parameter auth_keys: contains a NUL character")
+    return problems
+
+
+def _validate_image_id(img_id, fmt):
+    if img_id == "null":
+        if fmt and fmt != "diskdump":
+            return "Invalid OS parameter img_id: null (keep the disk as it is) needs img_format diskdump"
+        return None
+    if re.match(r"(https?|ftps?)://", img_id, re.IGNORECASE):
+        parts = urllib.parse.urlsplit(img_id)
+        if not parts.hostname:
+            return "Invalid OS parameter img_id: URL without a host name"
+        return None
+    name = local_image_name(img_id)
+    if name is None:
+        return None     # maybe a site back-end's id (pithos://...)
+    if name == "" or "\0" in name:
+        return "Invalid OS parameter img_id: empty local image name"
+    normalized = os.path.normpath(name)
+    if name.startswith("/") or normalized == ".." or normalized.startswith("../"):
+        return "Invalid OS parameter img_id: local image name points outside IMAGE_DIR"
+    return None
+
+
+# ---------------------------------------------------------------------------
+# The Ganeti environment
+# ---------------------------------------------------------------------------
+
+class Disk:
+    def __init__(self, index, path=None, uri=None):
+        self.index, self.path, self.uri = index, path, uri
+
+    @property
+    def target(self):
+        return self.path or self.uri
+
+
+def check_api_version(environ):
+    version = environ.get("OS_API_VERSION", "")
+    if version != OS_API_VERSION:
+        raise SnfError(f"unsupported OS API version {version!r}: only OS API version 20 is supported", 2)
+
+
+def require_env(environ, *names):
+    missing = [n for n in names if not environ.get(n)]
+    if missing:
+        raise SnfError("missing OS API variable: " + ", ".join(missing), 2)
+
+
+def _is_disk_file(path):
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return stat.S_ISBLK(mode) or stat.S_ISREG(mode)
+
+
+def instance_disks(environ):
+    require_env(environ, "DISK_COUNT")
+    try:
+        count = int(environ["DISK_COUNT"])
+    except ValueError:
+        raise SnfError(f"invalid DISK_COUNT {environ['DISK_COUNT']!r}", 2) from None
+    if count < 1:
+        raise SnfError("at least one disk is needed (DISK_COUNT is 0)", 2)
+    disks = []
+    for index in range(count):
+        path = environ.get(f"DISK_{index}_PATH") or None
+        uri = environ.get(f"DISK_{index}_URI") or None
+        if path and not _is_disk_file(path):
+            if not uri:
+                raise SnfError(f"disk {index}: {path} is neither a block device nor a regular file")
+            path = None
+        if not path and not uri:
+            raise SnfError(f"disk {index}: Ganeti gave neither DISK_{index}_PATH nor DISK_{index}_URI", 2)
+        disks.append(Disk(index, path, uri))
+    return disks
+
+
+# ---------------------------------------------------------------------------
+# Progress monitor (JSON messages as upstream)
+# ---------------------------------------------------------------------------
+
+class Monitor:
+    """Sends the JSON progress messages to PROGRESS_MONITOR's stdin, else to the log.
+
+    A monitor that dies (or never starts) must not stop the deployment.
+    """
+
+    def __init__(self, command, instance):
+        self.process = None
+        if command:
+            try:
+                self.process = subprocess.Popen(command + [instance], stdin=subprocess.PIPE,
+                                                stdout=sys.stderr, close_fds=True)
+            except OSError as exc:
+                warn(f"cannot start the progress monitor {command[0]}: {exc.strerror}; "
+                     "messages go to the log")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+    def send(self, message_type, **fields):
+        message = {"type": message_type, **fields, "timestamp": time.time()}
+        line = json.dumps(message, separators=(",", ":")) + "\n"
+        if self.process is not None:
+            try:
+                self.process.stdin.write(line.encode())
+                self.process.stdin.flush()
+                return
+            except (BrokenPipeError, OSError, ValueError):
+                warn("the progress monitor died; further messages go to the log")
+                self._reap()
+        log("[MONITOR] " + line.rstrip("\n"))
+
+    def info(self, text):
+        log(text)
+        self.send("image-info", messages=[text])
+
+    def _reap(self):
+        process, self.process = self.process, None
+        try:
+            process.stdin.close()
+        except OSError:
+            pass
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+    def close(self):
+        if self.process is not None:
+            self._reap()
+
+
+class HelperProtocol:
+    """Turns the helper's progress-port lines into image-helper JSON messages."""
+
+    MAX_LINE = 512
+    MAX_STDERR_LINES = 10
+
+    def __init__(self, monitor):
+        self.monitor = monitor
+        self.pending = b""
+        self.stderr_left = 0
+        self.stderr_lines = []
+
+    def feed(self, data):
+        self.pending += data
+        while b"\n" in self.pending:
+            line, self.pending = self.pending.split(b"\n", 1)
+            self.line(line.decode("utf-8", "replace").rstrip("\r"))
+        if len(self.pending) > self.MAX_LINE:
+            warn("helper progress port: line longer than 512 characters ignored")
+            self.pending = b""
+
+    def finish(self):
+        if self.pending:
+            self.line(self.pending.decode("utf-8", "replace").rstrip("\r"))
+            self.pending = b""
+        if self.stderr_lines:
+            self._flush_stderr()
+
+    def _flush_stderr(self):
+        self.monitor.send("image-helper", subtype="error", stderr="\n".join(self.stderr_lines) + "\n")
+        self.stderr_lines = []
+        self.stderr_left = 0
+
+    def line(self, line):
+        if self.stderr_left:
+            self.stderr_lines.append(line)
+            self.stderr_left -= 1
+            if not self.stderr_left:
+                self._flush_stderr()
+            return
+        text = line.strip()
+        if not text:
+            return
+        command, _, rest = text.partition(":")
+        if command == "TASK_START":
+            self.monitor.send("image-helper", subtype="task-start", task=rest)
+            log(f"helper: task {rest} started")
+        elif command == "TASK_END":
+            self.monitor.send("image-helper", subtype="task-end", task=rest)
+        elif command == "WARNING":
+            self.monitor.send("image-helper", subtype="warning", messages=[rest])
+        elif command == "ERROR":
+            self.monitor.send("image-helper", subtype="error", messages=[rest])
+        elif command == "STDERR":
+            count, _, first = rest.partition(":")
+            if not count.isdigit() or not 1 <= int(count) <= self.MAX_STDERR_LINES:
+                warn(f"helper progress port: malformed STDERR line ignored")
+                return
+            self.stderr_lines = [first]
+            self.stderr_left = int(count) - 1
+            if not self.stderr_left:
+                self._flush_stderr()
+        else:
+            warn(f"helper progress port: unknown message {command[:40]!r} ignored")
+
+
+# ---------------------------------------------------------------------------
+# Subprocess helpers
+# ---------------------------------------------------------------------------
+
+@contextmanager
+def killing_on_exit(process, grace=5.0):
+    """Yield a Popen; whatever happens, it is gone (SIGTERM, then SIGKILL) afterwards."""
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            try:
+                process.terminate()
+                process.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+            except ProcessLookupError:
+                pass
+        for stream in (process.stdin, process.stdout, process.stderr):
+            if stream is not None:
+                try:
+                    stream.close()
+                except OSError:
+                    pass
+
+
+def run_program(argv, *, what, timeout=120, debug=False):
+    if debug:
+        log("running: " + shlex.join(argv))
+    try:
+        result = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True,
+                                timeout=timeout, check=False)
+    except FileNotFoundError:
+        raise SnfError(f"{what}: program {argv[0]} not found") from None
+    except subprocess.TimeoutExpired:
+        raise SnfError(f"{what}: {argv[0]} did not finish within {timeout} s") from None
+    if result.returncode != 0:
+        lines = result.stderr.decode("utf-8", "replace").strip().splitlines() or [""]
+        raise SnfError(f"{what}: {os.path.basename(argv[0])} failed (exit {result.returncode}): {lines[-1]}")
+    return result.stdout.decode("utf-8", "replace")
+
+
+# ---------------------------------------------------------------------------
+# Image streams: readers that fill buffers, checksum, decompression
+# ---------------------------------------------------------------------------
+
+class CountingReader:
+    """readinto() wrapper that checks the byte count against the announced size."""
+
+    def __init__(self, raw, expected, description):
+        self.raw, self.expected, self.description = raw, expected, description
+        self.count = 0
+
+    def readinto(self, buffer):
+        n = self.raw.readinto(buffer) or 0
+        self.count += n
+        if n == 0 and self.expected is not None and self.count != self.expected:
+            raise SnfError(f"{self.description}: stream ended after {self.count} of "
+                           f"{self.expected} bytes (connection cut or image truncated)")
+        if self.expected is not None and self.count > self.expected:
+            raise SnfError(f"{self.description}: stream is longer than the announced {self.expected} bytes")
+        return n
+
+
+class HashingReader:
+    def __init__(self, raw, algorithm, expected_hex, description):
+        self.raw = raw
+        self.hash = hashlib.new(algorithm)
+        self.algorithm, self.expected, self.description = algorithm, expected_hex.lower(), description
+
+    def readinto(self, buffer):
+        n = self.raw.readinto(buffer) or 0
+        if n:
+            self.hash.update(buffer[:n])
+        elif self.hash.hexdigest() != self.expected:
+            raise SnfError(f"{self.description}: {self.algorithm} checksum mismatch "
+                           f"(got {self.hash.hexdigest()[:16]}..., expected {self.expected[:16]}...)")
+        return n
+
+
+class PeekReader(io.RawIOBase):
+    """Lets the first bytes be inspected (compression magic) without losing them."""
+
+    def __init__(self, raw):
+        self.raw, self.head = raw, b""
+
+    def readable(self):
+        return True
+
+    def peek(self, size):
+        while len(self.head) < size:
+            chunk = bytearray(size - len(self.head))
+            n = self.raw.readinto(memoryview(chunk)) or 0
+            if not n:
+                break
+            self.head += bytes(chunk[:n])
+        return self.head[:size]
+
+    def readinto(self, buffer):
+        if self.head:
+            n = min(len(buffer), len(self.head))
+            buffer[:n] = self.head[:n]
+            self.head = self.head[n:]
+            return n
+        return self.raw.readinto(buffer) or 0
+
+
+COMPRESSION_MAGIC = ((b"\x1f\x8b", "gzip"), (b"\xfd7zXZ\x00", "xz"), (b"BZh", "bzip2"))
+
+
+def decompressing(reader, description):
+    """Return (reader, compression name or None), decompressing by magic bytes."""
+    peek = PeekReader(reader)
+    head = peek.peek(6)
+    for magic, name in COMPRESSION_MAGIC:
+        if head.startswith(magic) and (name != "bzip2" or head[3:4] in b"123456789"):
+            log(f"{description}: {name}-compressed image, decompressing while copying")
+            buffered = io.BufferedReader(peek, buffer_size=MIB)
+            opener = {"gzip": lambda f: gzip.GzipFile(fileobj=f, mode="rb"),
+                      "xz": lambda f: lzma.LZMAFile(f),
+                      "bzip2": lambda f: bz2.BZ2File(f)}[name]
+            return DecompressReader(opener(buffered), name, description), name
+    return peek, None
+
+
+class DecompressReader:
+    def __init__(self, stream, name, description):
+        self.stream, self.name, self.description = stream, name, description
+
+    def readinto(self, buffer):
+        try:
+            return self.stream.readinto(buffer)
+        except (OSError, EOFError, lzma.LZMAError, gzip.BadGzipFile) as exc:
+            if isinstance(exc, SnfError):
+                raise
+            raise SnfError(f"{self.description}: corrupt {self.name} data: {exc}") from None
+
+
+def fill_buffer(reader, view):
+    """Read until the buffer is full or EOF (dd iflag=fullblock)."""
+    filled = 0
+    size = len(view)
+    while filled < size:
+        n = reader.readinto(view[filled:])
+        if not n:
+            break
+        filled += n
+    return filled
+
+
+# ---------------------------------------------------------------------------
+# Image sources: built-in local / network / null and external back-ends
+# ---------------------------------------------------------------------------
+
+def local_image_name(img_id):
+    """NAME for local://NAME, file://NAME and plain ids without ':'; None otherwise."""
+    if img_id.startswith("local://"):
+        return img_id[len("local://"):]
+    if img_id.startswith("file://"):
+        return img_id[len("file://"):]
+    if ":" not in img_id:
+        return img_id
+    return None
+
+
+class ImageSource:
+    """An opened image: `size` (bytes or None) and `reader` (readinto)."""
+
+    name = "?"
+    size = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+    def close(self):
+        pass
+
+    def finish(self):
+        """Called after EOF: checks that the producer succeeded."""
+
+
+class NullSource(ImageSource):
+    name = "null"
+    size = 0
+
+    def __init__(self):
+        self.reader = io.BytesIO(b"")
+
+
+class LocalSource(ImageSource):
+    name = "local"
+
+    def __init__(self, img_id, image_dir, image_format):
+        name = local_image_name(img_id)
+        if img_id.startswith("file://"):
+            warn("image ids starting with file:// are deprecated, use local://")
+        path = self.resolve(name, image_dir, image_format)
+        self.path = path
+        try:
+            self.file = open(path, "rb", buffering=0)
+        except OSError as exc:
+            raise SnfError(f"cannot open image file {path}: {exc.strerror}") from None
+        self.size = os.fstat(self.file.fileno()).st_size
+        reader = self.file
+        checksum = self.find_checksum(path)
+        if checksum:
+            algorithm, digest, checksum_path = checksum
+            log(f"verifying the image against {checksum_path} while copying")
+            reader = HashingReader(reader, algorithm, digest, f"image {os.path.basename(path)}")
+        self.reader = CountingReader(reader, self.size, f"image file {path}")
+
+    @staticmethod
+    def resolve(name, image_dir, image_format):
+        if not name:
+            raise SnfError("empty local image name", 2)
+        try:
+            root = os.path.realpath(image_dir, strict=True)
+        except OSError:
+            raise SnfError(f"the IMAGE_DIR directory {image_dir} does not exist") from None
+        candidates = [os.path.join(root, name)]
+        if image_format:
+            candidates.append(candidates[0] + "." + image_format)
+        for index, candidate in enumerate(candidates):
+            normalized = os.path.normpath(candidate)
+            if not normalized.startswith(root.rstrip("/") + "/"):
+                raise SnfError(f"image id {name[:60]!r} points to a file outside IMAGE_DIR {image_dir}", 2)
+            if not os.path.lexists(candidate):
+                continue
+            real = os.path.realpath(candidate)
+            if not real.startswith(root.rstrip("/") + "/"):
+                raise SnfError(f"image {name[:60]!r} is a symbolic link to a file outside IMAGE_DIR {image_dir}", 2)
+            if not os.path.isfile(real):
+                raise SnfError(f"image {candidate} is not a regular file")
+            if index:
+                warn(f"the image id lacks the format extension: using {candidate}")
+            return real
+        raise SnfError(f"image file {candidates[0]} does not exist")
+
+    @staticmethod
+    def find_checksum(path):
+        for suffix, algorithm, length in ((".sha256", "sha256", 64), (".md5sum", "md5", 32)):
+            checksum_path = path + suffix
+            try:
+                text = Path(checksum_path).read_text(errors="replace")
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise SnfError(f"cannot read checksum file {checksum_path}: {exc.strerror}") from None
+            token = (text.split() or [""])[0].lower()
+            if not re.fullmatch(r"[0-9a-f]{%d}" % length, token):
+                raise SnfError(f"checksum file {checksum_path} does not start with a {algorithm} digest")
+            return algorithm, token, checksum_path
+        return None
+
+    def close(self):
+        self.file.close()
+
+
+class NetworkSource(ImageSource):
+    name = "network"
+
+    def __init__(self, url):
+        self.url = url
+        shown = redact_url(url)
+        try:
+            self.response = open_url(url)
+        except urllib.error.HTTPError as exc:
+            raise SnfError(f"cannot download image {shown}: HTTP {exc.code} {exc.reason}") from None
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", None) or exc
+            raise SnfError(f"cannot download image {shown}: {reason}") from None
+        length = self.response.headers.get("Content-Length")
+        self.size = int(length) if length and length.strip().isdigit() else None
+        if self.size is None:
+            warn(f"{shown}: the server did not announce the image size")
+        self.reader = CountingReader(_SocketErrors(self.response, shown), self.size, f"download of {shown}")
+
+    def close(self):
+        self.response.close()
+
+
+class _SocketErrors:
+    def __init__(self, response, shown):
+        self.response, self.shown = response, shown
+
+    def readinto(self, buffer):
+        try:
+            return self.response.readinto(buffer)
+        except (OSError, ValueError) as exc:
+            raise SnfError(f"download of {self.shown} failed: {exc}") from None
+        except Exception as exc:      # http.client.IncompleteRead and friends
+            raise SnfError(f"download of {self.shown} failed: {type(exc).__name__}") from None
+
+
+class ExternalSource(ImageSource):
+    """An external source back-end: `-s ID` prints the size, `ID` streams the image."""
+
+    def __init__(self, backend, img_id, debug=False):
+        self.name = backend.name
+        self.backend = backend
+        size_text = run_program([backend.program, "-s", img_id],
+                                what=f"source back-end {backend.name} (size)", debug=debug).strip()
+        if not size_text.isdigit():
+            raise SnfError(f"source back-end {backend.name}: -s printed {size_text[:30]!r}, not a size")
+        self.size = int(size_text)
+        try:
+            self.process = subprocess.Popen([backend.program, img_id], stdin=subprocess.DEVNULL,
+                                            stdout=subprocess.PIPE, bufsize=0)
+        except OSError as exc:
+            raise SnfError(f"cannot run source back-end {backend.program}: {exc.strerror}") from None
+        self.reader = CountingReader(self.process.stdout, self.size, f"source back-end {backend.name}")
+
+    def finish(self):
+        code = self.process.wait()
+        if code != 0:
+            raise SnfError(f"source back-end {self.backend.name} failed (exit {code})")
+
+    def close(self):
+        with killing_on_exit(self.process):
+            pass
+
+
+class Backend:
+    def __init__(self, name, priority, program=None, builtin=None):
+        self.name, self.priority, self.program, self.builtin = name, priority, program, builtin
+
+    def probe(self, ident):
+        if self.builtin is not None:
+            return self.builtin(ident)
+        try:
+            result = subprocess.run([self.program, "-p", ident], stdin=subprocess.DEVNULL,
+                                    capture_output=True, timeout=60, check=False)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            warn(f"ignoring back-end {self.program} that could not be probed: {exc}")
+            return False
+        if result.returncode != 0:
+            warn(f"ignoring back-end {self.program} that returned an error (rc={result.returncode})")
+            return False
+        return result.stdout.decode("utf-8", "replace").rstrip("\n") == "yes"
+
+
+def _builtin_source_probes():
+    return {
+        "null": lambda ident: ident == "null",
+        "network": lambda ident: re.match(r"(https?|ftps?)://", ident, re.IGNORECASE) is not None,
+        "local": lambda ident: local_image_name(ident) is not None,
+    }
+
+
+BUILTIN_PRIORITIES = {"src": {"null": 30, "network": 20, "local": 10}, "dst": {"local": 10}}
+
+
+def read_priority(config_dir, kind, name):
+    path = os.path.join(config_dir, kind, name + ".priority")
+    try:
+        text = Path(path).read_text().strip()
+    except OSError:
+        return None
+    if re.fullmatch(r"\d{1,2}", text):
+        return int(text)
+    warn(f"invalid priority {text[:10]!r} in {path}: using 50")
+    return 50
+
+
+def list_backends(config, kind, builtins):
+    candidates = []
+    for name, probe in builtins.items():
+        candidates.append(Backend(name, BUILTIN_PRIORITIES[kind][name], builtin=probe))
+    directory = os.path.join(config.BACKENDS_DIR, kind)
+    try:
+        entries = sorted(os.listdir(directory))
+    except OSError:
+        entries = []
+    for entry in entries:
+        if entry.startswith("."):
+            continue
+        path = os.path.join(directory, entry)
+        program = os.path.join(path, entry) if os.path.isdir(path) else path
+        candidates.append(Backend(entry, 50, program=program))
+    selected = []
+    for backend in candidates:
+        if os.path.exists(os.path.join(config.BACKENDS_CONFIG_DIR, kind, backend.name + ".disabled")):
+            log(f"not examining disabled back-end {kind}/{backend.name}")
+            continue
+        priority = read_priority(config.BACKENDS_CONFIG_DIR, kind, backend.name)
+        if priority is not None:
+            backend.priority = priority
+        if backend.program and not os.access(backend.program, os.X_OK):
+            warn(f"ignoring non-executable back-end {backend.program}")
+            continue
+        selected.append(backend)
+    selected.sort(key=lambda b: (b.priority, b.name), reverse=True)
+    return selected
+
+
+def choose_backend(config, kind, ident, builtins, shown):
+    for backend in list_backends(config, kind, builtins):
+        if backend.probe(ident):
+            return backend
+    raise SnfError(f"no {'source' if kind == 'src' else 'destination'} back-end can handle {shown!r}")
+
+
+def open_image_source(config, img_id, image_format):
+    shown = redact_url(img_id)
+    backend = choose_backend(config, "src", img_id, _builtin_source_probes(), shown)
+    log(f"Using source back-end: {backend.name}")
+    if backend.builtin is None:
+        return ExternalSource(backend, img_id, config.IMAGE_DEBUG)
+    if backend.name == "null":
+        return NullSource()
+    if backend.name == "network":
+        return NetworkSource(img_id)
+    return LocalSource(img_id, config.IMAGE_DIR, image_format)
+
+
+# ---------------------------------------------------------------------------
+# Destinations and the O_DIRECT copier
+# ---------------------------------------------------------------------------
+
+class DiskWriter:
+    """A block device or regular file opened for O_DIRECT writing (never truncated)."""
+
+    def __init__(self, path, allow_grow=False):
+        self.path = path
+        try:
+            info = os.stat(path)
+        except OSError as exc:
+            raise SnfError(f"cannot use disk {path}: {exc.strerror}") from None
+        self.is_block = stat.S_ISBLK(info.st_mode)
+        if not (self.is_block or stat.S_ISREG(info.st_mode)):
+            raise SnfError(f"disk {path} is neither a block device nor a regular file")
+        flags = os.O_WRONLY | os.O_CLOEXEC
+        self.direct = True
+        try:
+            self.fd = os.open(path, flags | os.O_DIRECT)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise SnfError(f"cannot open disk {path} for writing: {exc.strerror}") from None
+            warn(f"{path}: O_DIRECT is not supported here, writing through the page cache")
+            self.direct = False
+            self.fd = os.open(path, flags)
+        if self.is_block:
+            self.size = _block_device_size(self.fd)
+            self.alignment = _logical_block_size(self.fd)
+        else:
+            self.size = None if allow_grow else info.st_size
+            self.alignment = FILE_DIRECT_ALIGNMENT
+        self.position = 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+    def close(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def write(self, view, count):
+        """Write count bytes of view at the current position (page-aligned buffer)."""
+        if self.size is not None and self.position + count > self.size:
+            raise SnfError(f"the image does not fit on disk {self.path}: it is larger than the "
+                           f"disk ({self.size} bytes)")
+        tail = count % self.alignment if self.direct else 0
+        aligned = count - tail
+        self._write_all(view, 0, aligned)
+        if tail:
+            # GNU dd: the last short block is written without O_DIRECT.
+            fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+            self.direct = False
+            self._write_all(view, aligned, count)
+
+    def _write_all(self, view, start, end):
+        offset = start
+        while offset < end:
+            try:
+                written = os.write(self.fd, view[offset:end])
+            except OSError as exc:
+                if exc.errno == errno.ENOSPC:
+                    raise SnfError(f"disk {self.path} is full after {self.position} bytes "
+                                   "(the image is larger than the disk)") from None
+                raise SnfError(f"write error on disk {self.path} at byte {self.position}: "
+                               f"{exc.strerror}") from None
+            if written <= 0:
+                raise SnfError(f"short write on disk {self.path} at byte {self.position}")
+            offset += written
+            self.position += written
+
+    def sync(self):
+        try:
+            os.fsync(self.fd)
+        except OSError as exc:
+            raise SnfError(f"cannot flush disk {self.path}: {exc.strerror}") from None
+        if not self.is_block:
+            return
+        try:
+            os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        except OSError:
+            pass
+
+
+class BackendWriter:
+    """An external destination back-end reading the image on its stdin."""
+
+    def __init__(self, backend, target):
+        self.path = backend.name
+        self.backend = backend
+        self.size = None
+        self.alignment = 1
+        self.position = 0
+        try:
+            self.process = subprocess.Popen([backend.program, target], stdin=subprocess.PIPE,
+                                            stdout=sys.stderr, bufsize=0)
+        except OSError as exc:
+            raise SnfError(f"cannot run destination back-end {backend.program}: {exc.strerror}") from None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        with killing_on_exit(self.process):
+            pass
+
+    def write(self, view, count):
+        try:
+            self.process.stdin.write(view[:count])
+        except BrokenPipeError:
+            raise SnfError(f"destination back-end {self.backend.name} stopped reading "
+                           f"(exit {self.process.wait()})") from None
+        self.position += count
+
+    def sync(self):
+        self.process.stdin.close()
+        code = self.process.wait()
+        if code != 0:
+            raise SnfError(f"destination back-end {self.backend.name} failed (exit {code})")
+
+
+def _block_device_size(fd):
+    try:
+        return struct.unpack("Q", fcntl.ioctl(fd, BLKGETSIZE64, bytes(8)))[0]
+    except OSError:
+        return os.lseek(fd, 0, os.SEEK_END)
+
+
+def _logical_block_size(fd):
+    try:
+        return max(512, struct.unpack("i", fcntl.ioctl(fd, BLKSSZGET, bytes(4)))[0])
+    except OSError:
+        return FILE_DIRECT_ALIGNMENT
+
+
+class CopyProgress:
+    def __init__(self, monitor, total, interval, label):
+        self.monitor, self.total, self.interval, self.label = monitor, total, interval, label
+        self.started = self.last = time.monotonic()
+
+    def update(self, position, final=False):
+        now = time.monotonic()
+        if not final and now - self.last < self.interval:
+            return
+        self.last = now
+        total = self.total or 0
+        percent = float("%2.2f" % (position * 100 / total)) if total else 0.0
+        if self.monitor is not None:
+            self.monitor.send("image-copy-progress", total=total, position=position, progress=percent)
+        rate = position / max(now - self.started, 1e-6) / MIB
+        of_total = f" of {human_size(total)} ({percent:.1f}%)" if total else ""
+        log(f"{self.label}: {human_size(position)}{of_total}, {rate:.0f} MiB/s")
+
+
+def copy_stream(reader, writer, buffer_size, progress=None, overlap=True, prefix=b""):
+    """Copy reader → writer in full, aligned buffers; returns the byte count.
+
+    With overlap, a reader thread fills the next buffer while the current one
+    is being written (the syscalls release the GIL).
+    """
+    buffers = [mmap.mmap(-1, buffer_size) for _ in range(3 if overlap else 1)]
+    total = 0
+    try:
+        if prefix:
+            view = memoryview(buffers[0])
+            view[:len(prefix)] = prefix
+            writer.write(view, len(prefix))
+            view.release()
+            total += len(prefix)
+        blocks = _overlapped_blocks(reader, buffers) if overlap else _serial_blocks(reader, buffers[0])
+        for view, count in blocks:
+            if count:
+                writer.write(view, count)
+                total += count
+                if progress:
+                    progress.update(total)
+    finally:
+        for buffer in buffers:
+            try:
+                buffer.close()
+            except BufferError:
+                pass
+    return total
+
+
+def _serial_blocks(reader, buffer):
+    view = memoryview(buffer)
+    try:
+        while True:
+            count = fill_buffer(reader, view)
+            yield view, count
+            if count < len(view):
+                return
+    finally:
+        view.release()
+
+
+def _overlapped_blocks(reader, buffers):
+    free = queue.Queue()
+    full = queue.Queue()
+    stop = threading.Event()
+    views = [memoryview(b) for b in buffers]
+    for view in views:
+        free.put(view)
+
+    def produce():
+        try:
+            while not stop.is_set():
+                view = free.get()
+                if view is None:
+                    return
+                count = fill_buffer(reader, view)
+                full.put((view, count, None))
+                if count < len(view):
+                    return
+        except BaseException as exc:   # handed to the writer thread
+            full.put((None, 0, exc))
+
+    thread = threading.Thread(target=produce, name="image-reader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            view, count, error = full.get()
+            if error is not None:
+                raise error
+            yield view, count
+            if count < len(view):
+                break
+            free.put(view)
+        thread.join()
+    finally:
+        stop.set()
+        free.put(None)
+        if not thread.is_alive():
+            for view in views:
+                view.release()
+
+
+# ---------------------------------------------------------------------------
+# Filesystem dumps: the synthesized MBR
+# ---------------------------------------------------------------------------
+
+def find_mbr_boot_code(configured):
+    candidates = [configured] if configured else list(MBR_BIN_CANDIDATES)
+    for path in candidates:
+        try:
+            data = Path(path).read_bytes()
+        except OSError:
+            continue
+        if len(data) < 440:
+            raise SnfError(f"boot code {path} is shorter than 440 bytes")
+        return data[:440]
+    raise SnfError("no MBR boot code found (install syslinux-common or set MBR_BIN): "
+                   + ", ".join(candidates))
+
+
+def _chs(lba):
+    heads, sectors = 255, 63
+    cylinder = lba // (heads * sectors)
+    if cylinder > 1023:
+        return bytes((254, 255, 255))
+    head = (lba // sectors) % heads
+    sector = lba % sectors + 1
+    return bytes((head, sector | ((cylinder >> 2) & 0xC0), cylinder & 0xFF))
+
+
+def build_mbr(boot_code, image_format, image_size):
+    """Sector 0 for an ext/ntfs dump: one bootable partition at 2048 covering the image."""
+    partition_type = {"extdump": 0x83, "ntfsdump": 0x07}[image_format]
+    start = MBR_HEADER_SIZE // 512
+    sectors = max(image_size // 512, 1)
+    end = start + sectors - 1
+    entry = (bytes((0x80,)) + _chs(start) + bytes((partition_type,)) + _chs(end)
+             + struct.pack("<II", start, sectors))
+    signature = 0
+    while signature == 0:
+        signature = secrets.randbits(32)
+    sector = bytearray(512)
+    sector[0:440] = boot_code[:440]
+    sector[440:444] = struct.pack("<I", signature)
+    sector[446:462] = entry
+    sector[510:512] = b"\x55\xaa"
+    return bytes(sector)
+
+
+def rewrite_first_sector(path, sector):
+    """Replace sector 0 (used when the filesystem dump's size was not known up front)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.pwrite(fd, sector, 0)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------
+# The floppy and the helper VM
+# ---------------------------------------------------------------------------
+
+def private_temp_dir():
+    """A 0700 directory under /run/snf-image (tmpfs-like, root only) or the system tmp."""
+    base = None
+    try:
+        RUN_DIR.mkdir(mode=0o700, exist_ok=True)
+        base = str(RUN_DIR)
+    except OSError:
+        pass
+    return tempfile.TemporaryDirectory(prefix="deploy-", dir=base)
+
+
+def helper_environment(environ, params, config, image_format, instance, answer_file_used):
+    env = {
+        "SNF_IMAGE_TYPE": image_format,
+        "SNF_IMAGE_HOSTNAME": instance,
+        "SNF_IMAGE_DHCP_TAGS": config.DHCP_TAGS,
+        "SNF_IMAGE_STATEFUL_DHCPV6_TAGS": config.STATEFUL_DHCPV6_TAGS,
+        "SNF_IMAGE_STATELESS_DHCPV6_TAGS": config.STATELESS_DHCPV6_TAGS,
+        "SNF_IMAGE_DEFAULT_NIC_CONFIG": config.DEFAULT_NIC_CONFIG,
+    }
+    for name, key in (("img_passwd", "PASSWD"), ("img_passwd_hash", "PASSWD_HASH"),
+                      ("os_product_key", "OS_PRODUCT_KEY"), ("auth_keys", "AUTH_KEYS"),
+                      ("cloud_userdata", "CLOUD_USERDATA")):
+        if name in params:                         # set, even if empty
+            env["SNF_IMAGE_" + key] = params[name]
+    for name, key in (("img_properties", "PROPERTIES"), ("inst_properties", "INST_PROPERTIES"),
+                      ("img_personality", "PERSONALITY")):
+        if params.get(name):                       # only if non-empty
+            env["SNF_IMAGE_" + key] = params[name]
+    if config.CLOUD_INIT_DEBUG:
+        env["SNF_IMAGE_CLOUD_INIT_DEBUG"] = "yes"
+    if answer_file_used:
+        env["SNF_IMAGE_PROPERTY_IGNORE_UNATTEND"] = "yes"
+    if image_format in ("extdump", "ntfsdump"):
+        env["SNF_IMAGE_PROPERTY_OSFAMILY"] = "linux" if image_format == "extdump" else "windows"
+        env["SNF_IMAGE_PROPERTY_ROOT_PARTITION"] = "1"
+    for key in sorted(environ):
+        if key.startswith("NIC_"):
+            env["SNF_IMAGE_" + key] = environ[key]
+    return env
+
+
+def fetch_answer_file(url):
+    log("Downloading the answer file given in os_answer_file")
+    try:
+        with open_url(url) as response:
+            return response.read(16 * MIB)
+    except urllib.error.HTTPError as exc:
+        raise SnfError(f"cannot fetch os_answer_file: HTTP {exc.code} {exc.reason}") from None
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise SnfError(f"cannot fetch os_answer_file: {getattr(exc, 'reason', exc)}") from None
+
+
+def default_answer_files(timezone):
+    name, index = timezone
+    components = "\n".join(UNATTEND_COMPONENTS.format(arch=arch, timezone=name)
+                           for arch in ("amd64", "x86"))
+    return (UNATTEND_TEMPLATE.format(components=components).encode(),
+            SYSPREP_TEMPLATE.format(timezone_index=index).replace("\n", "\r\n").encode())
+
+
+def write_private(path, data):
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    with open(fd, "wb") as handle:
+        handle.write(data)
+
+
+def make_floppy(workdir, config, rules, params):
+    """Write rules.json, unattend.xml, sysprep.inf into a 1440 KiB ext2 image (mkfs.ext2 -d)."""
+    content = os.path.join(workdir, "floppy-content")
+    os.mkdir(content, 0o700)
+    try:
+        write_private(os.path.join(content, "rules.json"),
+                      json.dumps(rules, indent=1, sort_keys=True).encode())
+        if config.UNATTEND:
+            warn("the UNATTEND setting is deprecated; use os_answer_file")
+            try:
+                unattend = Path(config.UNATTEND).read_bytes()
+            except OSError as exc:
+                raise SnfError(f"cannot read UNATTEND file {config.UNATTEND}: {exc.strerror}", 2) from None
+            sysprep = default_answer_files(config.WINDOWS_TIMEZONE)[1]
+        elif params.get("os_answer_file"):
+            unattend = fetch_answer_file(params["os_answer_file"])
+            sysprep = None
+        else:
+            unattend, sysprep = default_answer_files(config.WINDOWS_TIMEZONE)
+        write_private(os.path.join(content, "unattend.xml"), unattend)
+        if sysprep is None:
+            os.symlink("unattend.xml", os.path.join(content, "sysprep.inf"))
+        else:
+            write_private(os.path.join(content, "sysprep.inf"), sysprep)
+        floppy = os.path.join(workdir, "floppy.img")
+        fd = os.open(floppy, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        os.ftruncate(fd, FLOPPY_SIZE)
+        os.close(fd)
+        run_program(config.MKFS_EXT2 + ["-q", "-F", "-m", "0", "-L", "snf-rules", "-d", content, floppy],
+                    what="creating the rules floppy", debug=config.IMAGE_DEBUG)
+        return floppy
+    finally:
+        shutil.rmtree(content, ignore_errors=True)
+
+
+def resolve_helper(helper_dir):
+    """The release directory holding kernel, initrd and image (resolved once)."""
+    current = os.path.join(helper_dir, "current")
+    release = os.path.realpath(current) if os.path.lexists(current) else helper_dir
+    missing = [f for f in ("kernel", "initrd", "image") if not os.path.isfile(os.path.join(release, f))]
+    if missing:
+        raise SnfError(f"no usable helper VM in HELPER_DIR {helper_dir} (missing {', '.join(missing)}): "
+                       "run snf-image-update-helper")
+    return release
+
+
+def qemu_drive_value(text):
+    return text.replace(",", ",,")
+
+
+def boot_id():
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return "unknown"
+
+
+def choose_accelerator(config):
+    if config.HELPER_ACCEL != "auto":
+        return config.HELPER_ACCEL
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return "tcg"
+    cache = RUN_DIR / "accel"
+    try:
+        cached = json.loads(cache.read_text())
+        if cached.get("boot_id") == boot_id() and cached.get("accel") in ("kvm", "tcg"):
+            return cached["accel"]
+    except (OSError, ValueError, AttributeError):
+        pass
+    works = probe_accelerator(config.QEMU, "kvm")
+    accel = "kvm" if works else "tcg"
+    log(f"KVM probe guest {'ran' if works else 'did not run'} within {KVM_PROBE_TIMEOUT:.0f} s: using {accel}")
+    try:
+        RUN_DIR.mkdir(mode=0o700, exist_ok=True)
+        tmp = cache.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"boot_id": boot_id(), "accel": accel}))
+        tmp.replace(cache)
+    except OSError as exc:
+        warn(f"cannot cache the accelerator choice in {cache}: {exc.strerror}")
+    return accel
+
+
+def probe_accelerator(qemu, accel, timeout=KVM_PROBE_TIMEOUT):
+    """Boot a one-sector guest that prints to COM1; True if its message arrives in time."""
+    message = KVM_PROBE_MESSAGE + b"\r\n\0"
+    sector = KVM_PROBE_CODE + message
+    sector = sector + bytes(510 - len(sector)) + b"\x55\xaa"
+    with tempfile.TemporaryDirectory(prefix="snf-image-probe-") as workdir:
+        disk = os.path.join(workdir, "probe.img")
+        Path(disk).write_bytes(sector)
+        read_end, write_end = os.pipe()
+        argv = qemu + ["-accel", accel, "-machine", "pc", "-m", "16", "-nodefaults", "-nographic",
+                       "-no-reboot", "-vga", "none", "-monitor", "none", "-parallel", "none",
+                       "-drive", f"file={qemu_drive_value(disk)},format=raw,if=ide,index=0",
+                       "-serial", f"file:/proc/self/fd/{write_end}"]
+        try:
+            process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                       stderr=subprocess.DEVNULL, pass_fds=(write_end,))
+        except OSError:
+            os.close(read_end)
+            os.close(write_end)
+            return False
+        os.close(write_end)
+        seen = b""
+        deadline = time.monotonic() + timeout
+        with killing_on_exit(process, grace=1.0), selectors.DefaultSelector() as selector:
+            selector.register(read_end, selectors.EVENT_READ)
+            try:
+                while KVM_PROBE_MESSAGE not in seen:
+                    left = deadline - time.monotonic()
+                    if left <= 0 or not selector.select(left):
+                        break
+                    chunk = os.read(read_end, 4096)
+                    if not chunk:
+                        break
+                    seen = (seen + chunk)[-256:]
+            finally:
+                os.close(read_end)
+        return KVM_PROBE_MESSAGE in seen
+
+
+def helper_command(config, release, accel, disks, floppy, fds):
+    append = ("console=ttyS0 panic=-1 quiet ro root=/dev/vda rootfstype=ext4 "
+              "init=/usr/bin/snf-image-helper hypervisor=kvm snf_image_activate_helper rules_dev=/dev/fd0")
+    if config.HELPER_DEBUG:
+        append += " snf_image_debug_helper"
+    argv = config.QEMU + [
+        "-accel", accel, "-machine", "pc", "-cpu", "max", "-smp", "1", "-m", str(config.HELPER_MEMORY),
+        "-nodefaults", "-nographic", "-no-reboot", "-vga", "none", "-monitor", "none",
+        "-parallel", "none",
+        "-kernel", os.path.join(release, "kernel"), "-initrd", os.path.join(release, "initrd"),
+        "-append", append,
+        "-drive", f"file={qemu_drive_value(os.path.join(release, 'image'))},format=raw,if=none,"
+                  "id=helperroot,readonly=on",
+        "-device", "virtio-blk-pci,drive=helperroot,serial=snf-helper-root",
+    ]
+    for disk in disks:
+        argv += ["-drive", f"file={qemu_drive_value(disk.target)},format=raw,if=none,id=disk{disk.index},"
+                           "cache=none,aio=threads",
+                 "-device", f"virtio-blk-pci,drive=disk{disk.index},serial=snf-disk{disk.index}"]
+    argv += ["-drive", f"file={qemu_drive_value(floppy)},if=floppy,format=raw,readonly=on"]
+    for name in ("console", "result", "progress"):
+        argv += ["-serial", f"file:/proc/self/fd/{fds[name]}"]
+    argv += ["-serial", "pty" if config.HELPER_DEBUG else "null"]
+    if config.HELPER_USER != "root":
+        argv += ["-runas", config.HELPER_USER]
+    return argv
+
+
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1bc|[\x00-\x08\x0b-\x1f\x7f]")
+
+
+class LineRelay:
+    """Splits a byte stream into lines and logs them with a prefix."""
+
+    def __init__(self, prefix, keep=1):
+        self.prefix, self.pending, self.last = prefix, b"", []
+        self.keep = keep
+
+    def feed(self, data):
+        self.pending += data
+        while b"\n" in self.pending:
+            line, self.pending = self.pending.split(b"\n", 1)
+            self.emit(line)
+        if len(self.pending) > 4096:
+            self.emit(self.pending)
+            self.pending = b""
+
+    def emit(self, raw):
+        line = ANSI_ESCAPE.sub("", raw.decode("utf-8", "replace")).rstrip("\r\n")
+        if not line.strip():
+            return
+        if self.prefix.startswith("HELPER"):
+            try:       # as upstream's sed 's|^|HELPER: |': the guest has its own timestamps
+                print(self.prefix + line, file=sys.stderr, flush=True)
+            except (BrokenPipeError, ValueError):
+                pass
+        else:
+            log(self.prefix + line)
+        self.last = (self.last + [line])[-self.keep:]
+
+    def finish(self):
+        if self.pending:
+            self.emit(self.pending)
+            self.pending = b""
+
+
+def run_helper_vm(config, monitor, disks, floppy, workdir):
+    """Boot the helper with the instance's disks and the floppy; raise unless SUCCESS."""
+    release = resolve_helper(config.HELPER_DIR)
+    accel = choose_accelerator(config)
+    monitor.info("Starting customization VM...")
+    log(f"helper VM: {release}, accel {accel}, {config.HELPER_MEMORY} MiB, user {config.HELPER_USER}")
+    run_qemu_helper(lambda fds: helper_command(config, release, accel, disks, floppy, fds),
+                    config, monitor, workdir)
+    monitor.info("Customization VM exited normally.")
+
+
+def run_qemu_helper(build_argv, config, monitor, workdir):
+    """Start qemu with pipes as its console/result/progress ports and supervise it.
+
+    One selectors loop relays the console into the log, turns progress lines
+    into JSON messages, collects the result and enforces HELPER_SOFT_TIMEOUT
+    (SIGTERM) then HELPER_HARD_TIMEOUT (SIGKILL). Returns only on SUCCESS.
+    """
+    pipes = {}
+    try:
+        for name in ("console", "result", "progress", "stderr"):
+            pipes[name] = os.pipe()
+        child_fds = {name: pipes[name][1] for name in ("console", "result", "progress")}
+        argv = build_argv(child_fds)
+        if config.IMAGE_DEBUG:
+            log("running: " + shlex.join(argv))
+        try:
+            process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=pipes["stderr"][1],
+                                       stderr=pipes["stderr"][1], pass_fds=tuple(child_fds.values()),
+                                       cwd=workdir)
+        except OSError as exc:
+            raise SnfError(f"cannot start the helper VM ({argv[0]}): {exc.strerror}", 3) from None
+        for name in pipes:
+            os.close(pipes[name][1])
+            pipes[name] = (pipes[name][0], None)
+        readers = {pipes[name][0]: name for name in pipes}
+        outcome = _supervise(process, readers, config, monitor)
+    finally:
+        for read_end, write_end in pipes.values():
+            for fd in (read_end, write_end):
+                if fd is not None:
+                    try:
+                        os.close(fd)
+                    except OSError:
+                        pass
+    _check_helper_outcome(*outcome, config)
+
+
+def _supervise(process, readers, config, monitor):
+    console = LineRelay("HELPER: ", keep=3)
+    qemu_output = LineRelay("qemu: ", keep=3)
+    protocol = HelperProtocol(monitor)
+    result = b""
+    started = time.monotonic()
+    soft_deadline = started + config.HELPER_SOFT_TIMEOUT
+    hard_deadline = None
+    timed_out = None
+    open_readers = dict(readers)
+    with killing_on_exit(process, grace=2.0), selectors.DefaultSelector() as selector:
+        for fd in open_readers:
+            selector.register(fd, selectors.EVENT_READ)
+        while open_readers or process.poll() is None:
+            now = time.monotonic()
+            if hard_deadline is None and now >= soft_deadline:
+                warn(f"helper VM did not finish within HELPER_SOFT_TIMEOUT "
+                     f"({config.HELPER_SOFT_TIMEOUT:g} s): sending SIGTERM")
+                timed_out = "terminated"
+                process.terminate()
+                hard_deadline = now + config.HELPER_HARD_TIMEOUT
+            elif hard_deadline is not None and now >= hard_deadline and process.poll() is None:
+                warn("helper VM still running after HELPER_HARD_TIMEOUT: sending SIGKILL")
+                timed_out = "killed"
+                process.kill()
+                hard_deadline = now + 3600
+            if not open_readers:
+                time.sleep(0.05)
+                continue
+            wait = (hard_deadline or soft_deadline) - now
+            for key, _ in selector.select(max(0.0, min(wait, 1.0))):
+                chunk = os.read(key.fd, 65536)
+                name = open_readers[key.fd]
+                if not chunk:
+                    selector.unregister(key.fd)
+                    del open_readers[key.fd]
+                elif name == "console":
+                    console.feed(chunk)
+                elif name == "stderr":
+                    qemu_output.feed(chunk)
+                elif name == "progress":
+                    protocol.feed(chunk)
+                elif len(result) < 65536:
+                    result += chunk
+    console.finish()
+    qemu_output.finish()
+    protocol.finish()
+    elapsed = time.monotonic() - started
+    log(f"helper VM stopped after {elapsed:.1f} s (qemu exit status {process.returncode})")
+    return process.returncode, result, timed_out, console.last, qemu_output.last
+
+
+def _check_helper_outcome(code, result, timed_out, console_last, qemu_last, config):
+    if timed_out:
+        raise SnfError(f"helper VM did not finish within HELPER_SOFT_TIMEOUT "
+                       f"({config.HELPER_SOFT_TIMEOUT:g} s) and was {timed_out}", 3)
+    first = result.decode("utf-8", "replace").replace("\r", "").split("\n")[0].strip()
+    if code != 0:
+        detail = qemu_last[-1] if qemu_last else "no error message"
+        raise SnfError(f"helper VM crashed (qemu exit status {code}): {detail}", 3)
+    if first == "SUCCESS":
+        return
+    if first.startswith("ERROR:"):
+        raise SnfError(f"image customization failed inside the helper VM: {first[6:].strip()}", 3)
+    if first:
+        raise SnfError(f"helper VM reported an unexpected result: {first[:80]!r}", 3)
+    detail = console_last[-1] if console_last else "no console output"
+    raise SnfError(f"helper VM stopped without reporting a result (last console line: {detail[:120]})", 3)
+
+
+# ---------------------------------------------------------------------------
+# Operations
+# ---------------------------------------------------------------------------
+
+def check_required_create_params(params):
+    for name in ("img_id", "img_format"):
+        if not params.get(name):
+            raise SnfError(f"Missing OS parameter: {name}", 2)
+    problems = validate_parameters(params)
+    if problems:
+        raise SnfError(problems[0], 2)
+
+
+def operation_create(environ, run_helper=True):
+    instance = environ.get("INSTANCE_NAME") or "the instance"
+    try:
+        _create(environ, run_helper)
+    except SnfError as exc:
+        raise SnfError(f"deployment of {instance} did not complete: {exc}", exc.exit_code) from None
+
+
+def _create(environ, run_helper):
+    check_api_version(environ)
+    config = load_config(environ, environ.get("OS_VARIANT"))
+    require_env(environ, "INSTANCE_NAME", "HYPERVISOR", "DISK_COUNT")
+    instance = environ["INSTANCE_NAME"]
+    disks = instance_disks(environ)
+    params = collect_parameters(environ, config)
+    check_required_create_params(params)
+    if environ.get("HYPERVISOR") not in ("kvm", "fake"):
+        log(f"hypervisor {environ['HYPERVISOR']}: the helper VM runs under qemu anyway")
+    with Monitor(config.PROGRESS_MONITOR, instance) as monitor:
+        try:
+            deploy_image(config, monitor, environ, params, disks, instance, run_helper)
+        except SnfError as exc:
+            monitor.send("image-error", messages=[str(exc)])
+            raise
+        except KeyboardInterrupt:
+            monitor.send("image-error", messages=["Image deployment was interrupted."])
+            raise
+
+
+def deploy_image(config, monitor, environ, params, disks, instance, run_helper):
+    img_id, image_format = params["img_id"], params["img_format"]
+    monitor.info(f"Processing image with ID: {redact_url(img_id)} and type: {image_format}")
+    filesystem_dump = image_format in ("extdump", "ntfsdump")
+    boot_code = find_mbr_boot_code(config.MBR_BIN) if filesystem_dump else None
+    if filesystem_dump and img_id == "null":
+        raise SnfError("img_id null (keep the disk) works only with img_format diskdump", 2)
+    with private_temp_dir() as workdir:
+        with open_image_source(config, img_id, image_format) as source:
+            copy_image(config, monitor, source, disks[0], image_format, boot_code, filesystem_dump)
+        if not run_helper:
+            monitor.info("Image copied; --no-helper given: the image was NOT customized.")
+            return
+        rules = {
+            "format": 1,
+            "env": helper_environment(environ, params, config, image_format, instance,
+                                      bool(params.get("os_answer_file")) and not config.UNATTEND),
+            "disks": [f"snf-disk{disk.index}" for disk in disks],
+        }
+        floppy = make_floppy(workdir, config, rules, params)
+        run_helper_vm(config, monitor, disks, floppy, workdir)
+        monitor.info("Image customization finished successfully.")
+
+
+def copy_image(config, monitor, source, disk, image_format, boot_code, filesystem_dump):
+    if isinstance(source, NullSource):
+        monitor.info("Image ID is null: the disk is kept as it is, no data copied.")
+        CopyProgress(monitor, 0, config.PROGRESS_INTERVAL, "copy").update(0, final=True)
+        return
+    reader, compression = decompressing(source.reader, "image")
+    image_size = None if compression else source.size
+    header = b""
+    if filesystem_dump:
+        header = build_mbr(boot_code, image_format, image_size or 0) + bytes(MBR_HEADER_SIZE - 512)
+    shown_target = disk.path or redact_url(disk.uri)
+    if disk.path:
+        writer_cm = DiskWriter(disk.path)
+    else:
+        backend = choose_backend(config, "dst", disk.uri, {}, redact_url(disk.uri))
+        log(f"Using destination back-end: {backend.name}")
+        if filesystem_dump and image_size is None:
+            raise SnfError("a filesystem dump of unknown size cannot be written through a destination back-end")
+        writer_cm = BackendWriter(backend, disk.uri)
+    with writer_cm as writer:
+        if writer.size is not None and image_size is not None and image_size + len(header) > writer.size:
+            raise SnfError(f"the image ({image_size + len(header)} bytes) is larger than disk "
+                           f"{shown_target} ({writer.size} bytes)")
+        monitor.info("Starting image copy...")
+        progress = CopyProgress(monitor, image_size, config.PROGRESS_INTERVAL, "copy")
+        copied = copy_stream(reader, writer, config.COPY_BUFFER_SIZE, progress,
+                             overlap=config.COPY_OVERLAP, prefix=header)
+        source.finish()
+        writer.sync()
+        progress.update(copied - len(header), final=True)
+    if filesystem_dump and image_size is None:
+        rewrite_first_sector(disk.path, build_mbr(boot_code, image_format, copied - len(header)))
+    monitor.info(f"Image copy finished ({copied} bytes written to {shown_target}).")
+
+
+def _indexed_device(environ, prefix):
+    index = environ.get(f"{prefix}_INDEX", "")
+    device = environ.get(f"{prefix}_DEVICE") or environ.get(f"{prefix}_DISK_PATH")
+    if not device and index.isdigit():
+        device = environ.get(f"DISK_{index}_PATH")
+    if not device:
+        if environ.get(f"{prefix}_DISK_URI"):
+            raise SnfError(f"disk {index} is only reachable by URI: snf-image cannot "
+                           f"{prefix.lower()} userspace-only disks", 1)
+        raise SnfError(f"missing OS API variable: {prefix}_DEVICE", 2)
+    return index or "?", device
+
+
+def operation_export(environ):
+    check_api_version(environ)
+    config = load_config(environ, environ.get("OS_VARIANT"))
+    index, device = _indexed_device(environ, "EXPORT")
+    try:
+        fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise SnfError(f"cannot open disk {index} ({device}) for export: {exc.strerror}") from None
+        fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        info = os.fstat(fd)
+        size = _block_device_size(fd) if stat.S_ISBLK(info.st_mode) else info.st_size
+        os.lseek(fd, 0, os.SEEK_SET)
+        size_fd = environ.get("EXP_SIZE_FD", "")
+        if size_fd.isdigit():
+            try:
+                os.write(int(size_fd), f"{size}\n".encode())
+                os.close(int(size_fd))
+            except OSError as exc:
+                warn(f"cannot write the export size to EXP_SIZE_FD {size_fd}: {exc.strerror}")
+        log(f"exporting disk {index} ({device}, {human_size(size)}) to stdout")
+        out = sys.stdout.fileno()
+        reader = io.FileIO(fd, "rb", closefd=False)
+        writer = StreamWriter(out, "stdout")
+        progress = CopyProgress(None, size, 30, f"export disk {index}")
+        copied = copy_stream(reader, writer, config.COPY_BUFFER_SIZE, progress, overlap=config.COPY_OVERLAP)
+    finally:
+        os.close(fd)
+    if copied != size:
+        raise SnfError(f"export of disk {index} read {copied} of {size} bytes")
+    log(f"exported disk {index}: {copied} bytes")
+
+
+class StreamWriter:
+    def __init__(self, fd, description):
+        self.fd, self.path, self.size, self.position = fd, description, None, 0
+
+    def write(self, view, count):
+        offset = 0
+        while offset < count:
+            try:
+                offset += os.write(self.fd, view[offset:count])
+            except OSError as exc:
+                raise SnfError(f"cannot write to {self.path}: {exc.strerror}") from None
+        self.position += count
+
+    def sync(self):
+        pass
+
+
+def operation_import(environ):
+    check_api_version(environ)
+    config = load_config(environ, environ.get("OS_VARIANT"))
+    index, device = _indexed_device(environ, "IMPORT")
+    try:
+        fcntl.fcntl(0, F_SETPIPE_SZ, MIB)
+    except OSError:
+        pass
+    log(f"importing stdin into disk {index} ({device})")
+    reader = io.FileIO(0, "rb", closefd=False)
+    with DiskWriter(device) as writer:
+        progress = CopyProgress(None, None, 30, f"import disk {index}")
+        copied = copy_stream(reader, writer, config.COPY_BUFFER_SIZE, progress, overlap=config.COPY_OVERLAP)
+        writer.sync()
+    log(f"imported disk {index}: {copied} bytes")
+
+
+def operation_rename(environ):
+    old, new = environ.get("OLD_INSTANCE_NAME", "?"), environ.get("INSTANCE_NAME", "?")
+    if environ.get("OS_API_VERSION") != OS_API_VERSION:
+        warn(f"OS API version {environ.get('OS_API_VERSION')!r} is not 20")
+    log(f"instance renamed from {old} to {new}; nothing to change on its disks")
+
+
+def operation_verify(environ, args):
+    if args != ["parameters"]:
+        raise usage_error("usage: verify parameters")
+    config = load_config(environ, environ.get("OS_VARIANT"))
+    params = collect_parameters(environ, config, fetch_config_url=False)
+    problems = validate_parameters(params)
+    if params.get("config_url") and not problems:
+        log("config_url given: the other parameters are checked when it is fetched at create time")
+    if problems:
+        for problem in problems[:-1]:
+            print(problem, file=sys.stderr, flush=True)
+        raise SnfError(problems[-1], 2)
+
+
+# ---------------------------------------------------------------------------
+# `deploy`: the same pipeline without Ganeti
+# ---------------------------------------------------------------------------
+
+DEPLOY_DESCRIPTION = """\
+Deploy an image onto a disk file or block device without Ganeti (plain KVM,
+libvirt, tests): the image is copied onto the first --disk with O_DIRECT and
+then customized by the helper VM, exactly as Ganeti's create would do.
+
+Parameters are the OS parameters of the OS definition. Secrets never go on
+the command line: give them in files (--passwd-file FILE, '-' = stdin) or in
+the environment as OSP_IMG_PASSWD, OSP_AUTH_KEYS, ... (as Ganeti passes them).
+The configuration is /etc/default/snf-image (or $SNF_IMAGE_CONFIG)."""
+
+
+def deploy_parser():
+    parser = argparse.ArgumentParser(prog="snf-image-host.py deploy", description=DEPLOY_DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    target = parser.add_argument_group("target")
+    target.add_argument("--disk", action="append", required=True, metavar="PATH",
+                        help="disk file or block device (repeat for more disks; the image goes onto the first)")
+    target.add_argument("--hostname", default="snf-image-vm", help="host name of the new system")
+    target.add_argument("--nic", action="append", default=[], metavar="KEY=VALUE,...",
+                        help="a NIC as Ganeti describes it: mac=..,ip=..,mode=..,link=..,"
+                             "network_subnet=..,network_gateway=..,network_subnet6=..,"
+                             "network_gateway6=..,network_tags=..")
+    target.add_argument("--variant", default="", help="OS variant (reads VARIANTS_DIR/VARIANT.conf)")
+    image = parser.add_argument_group("image (OS parameters)")
+    image.add_argument("--img-id", help="local://NAME, NAME, http(s)/ftp URL, null or a back-end id")
+    image.add_argument("--img-format", help="diskdump, extdump or ntfsdump")
+    image.add_argument("--img-properties", metavar="JSON", help="image properties (JSON object)")
+    image.add_argument("--inst-properties", metavar="JSON", help="instance properties (JSON object)")
+    image.add_argument("--config-url", metavar="URL", help="JSON document with the parameters")
+    image.add_argument("--os-answer-file", metavar="URL", help="Windows answer file URL")
+    secret = parser.add_argument_group("secrets (files; '-' reads stdin)")
+    for name in ("passwd", "passwd-hash", "auth-keys", "img-personality", "cloud-userdata",
+                 "os-product-key"):
+        secret.add_argument(f"--{name}-file", metavar="FILE")
+    run = parser.add_argument_group("run")
+    run.add_argument("--no-helper", action="store_true",
+                     help="stop after the copy (the image is not customized)")
+    return parser
+
+
+def _read_secret(path, stdin_state):
+    if path == "-":
+        if stdin_state["used"]:
+            raise usage_error("only one secret can be read from stdin")
+        stdin_state["used"] = True
+        data = sys.stdin.read()
+    else:
+        try:
+            data = Path(path).read_text()
+        except OSError as exc:
+            raise usage_error(f"cannot read {path}: {exc.strerror}") from None
+    return data[:-1] if data.endswith("\n") and data.count("\n") == 1 else data
+
+
+def operation_deploy(args):
+    parser = deploy_parser()
+    options = parser.parse_args(args)
+    environ = {key: value for key, value in os.environ.items()
+               if key.startswith("OSP_") or key in ("SNF_IMAGE_CONFIG", "PATH")}
+    environ.update({"OS_API_VERSION": OS_API_VERSION, "OS_VARIANT": options.variant,
+                    "INSTANCE_NAME": options.hostname, "HYPERVISOR": "kvm",
+                    "DISK_COUNT": str(len(options.disk)), "NIC_COUNT": str(len(options.nic))})
+    for index, path in enumerate(options.disk):
+        if not _is_disk_file(path):
+            raise usage_error(f"--disk {path}: not a block device or regular file")
+        environ[f"DISK_{index}_PATH"] = path
+    for index, text in enumerate(options.nic):
+        for item in text.split(","):
+            key, sep, value = item.partition("=")
+            if not sep or not re.fullmatch(r"[a-z0-9_]+", key):
+                raise usage_error(f"--nic {text!r}: expected key=value pairs")
+            environ[f"NIC_{index}_{key.upper()}"] = value
+    plain = {"img_id": options.img_id, "img_format": options.img_format,
+             "img_properties": options.img_properties, "inst_properties": options.inst_properties,
+             "config_url": options.config_url, "os_answer_file": options.os_answer_file}
+    for name, value in plain.items():
+        if value is not None:
+            environ["OSP_" + name.upper()] = value
+    stdin_state = {"used": False}
+    files = {"img_passwd": options.passwd_file, "img_passwd_hash": options.passwd_hash_file,
+             "auth_keys": options.auth_keys_file, "img_personality": options.img_personality_file,
+             "cloud_userdata": options.cloud_userdata_file, "os_product_key": options.os_product_key_file}
+    for name, path in files.items():
+        if path is not None:
+            environ["OSP_" + name.upper()] = _read_secret(path, stdin_state)
+    operation_create(environ, run_helper=not options.no_helper)
+
+
+# ---------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------
+
+USAGE = """usage: snf-image-host.py VERB
+  create | import | export | rename   run by Ganeti (OS API 20) with its environment
+  verify parameters                   check the OSP_* parameters
+  deploy --help                       deploy an image without Ganeti"""
+
+
+def _terminate(signum, _frame):
+    raise SnfError(f"interrupted by signal {signal.Signals(signum).name}")
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE, file=sys.stderr if not argv else sys.stdout)
+        return 2 if not argv else 0
+    verb, rest = argv[0], argv[1:]
+    environ = dict(os.environ)
+    try:
+        if verb == "create" and not rest:
+            operation_create(environ)
+        elif verb == "import" and not rest:
+            operation_import(environ)
+        elif verb == "export" and not rest:
+            operation_export(environ)
+        elif verb == "rename":
+            operation_rename(environ)
+        elif verb == "verify":
+            operation_verify(environ, rest)
+        elif verb == "deploy":
+            operation_deploy(rest)
+        else:
+            raise usage_error(f"unknown verb or arguments: {' '.join(argv)[:80]!r}\n{USAGE}")
+    except SnfError as exc:
+        print(f"ERROR: {exc}", file=sys.stderr, flush=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("ERROR: interrupted", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

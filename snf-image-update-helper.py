@@ -1,0 +1,1316 @@
+#!/usr/bin/python3
+"""snf-image-update-helper: build, export, import and check the helper VM.
+
+Pipeline: image source → O_DIRECT copy → floppy + **helper VM** → tasks → SUCCESS.
+`create` boots the helper VM that this program builds into HELPER_DIR:
+
+  1. root stage (slow, cached in HELPER_DIR/cache/rootfs-<hash>): multistrap a
+     small Debian (python3, disk tools, static busybox, a kernel; no Perl), take
+     the kernel out, extract the uncompressed vmlinux for PVH direct boot, prune
+     docs/man/locales and unneeded modules, depmod the module tree;
+  2. release (seconds): hard-link copy of the cached root + snf-image-helper.py
+     and tasks.d, a read-only ext4 image made with `mkfs.ext4 -d` (no mount), a
+     small initrd written here (cpio newc + gzip: static busybox, the modules
+     that reach the root disk, an /init), the kernel and manifest.json;
+  3. switch HELPER_DIR/current to the new release by rename (atomic), keeping
+     the previous release for deployments still running from it.
+
+`--export`/`--import` move a release between nodes as a tar verified against
+its manifest; `--check` boots the helper once and reports which accelerator
+works and how long the boot took.
+"""
+
+import argparse
+import contextlib
+import fcntl
+import gzip
+import hashlib
+import io
+import json
+import lzma
+import os
+import re
+import shlex
+import shutil
+import stat
+import struct
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import zlib
+import bz2
+from dataclasses import dataclass, field
+from pathlib import Path
+
+if sys.version_info < (3, 11):
+    sys.exit("Error: snf-image-update-helper needs Python 3.11 or newer")
+
+# ---------------------------------------------------------------------------
+# Constants
+# ---------------------------------------------------------------------------
+
+SNF_IMAGE_VERSION = "0.24.0.dev0"
+
+# Bump when the root stage changes in a way the cache key does not see.
+ROOT_RECIPE_VERSION = 3
+
+DEFAULT_CONFIG_FILE = "/etc/default/snf-image"
+HOST_APT_SOURCES = ("/etc/apt/sources.list.d/debian.sources", "/etc/apt/sources.list")
+DATADIR_HELPER = Path("/usr/local/share/snf-image/helper")
+
+# What the tasks need inside the helper. linux-image-amd64 is taken out of the
+# root again (kernel, modules) after multistrap. usr-is-merged first: otherwise
+# apt picks usrmerge, which pulls in Perl.
+HELPER_PACKAGES = (
+    "usr-is-merged", "python3", "util-linux", "e2fsprogs", "fdisk", "gdisk",
+    "parted", "dosfstools", "xfsprogs", "btrfs-progs", "ntfs-3g",
+    "libhivex-bin", "kmod", "busybox-static", "linux-image-amd64",
+)
+
+# Modules the initrd loads (with their dependencies) to reach the root disk
+# and the rules floppy. Built-in ones are skipped.
+INITRD_MODULES = ("virtio_pci", "virtio_blk", "virtio_console", "floppy", "ext4", "crc32c_generic")
+
+# Parts of the kernel's module tree kept in the helper root ("modprobe xfs"
+# and friends work); everything else (sound, GPU, network, media...) goes.
+KEPT_MODULE_DIRS = (
+    "kernel/fs", "kernel/lib", "kernel/crypto", "kernel/block", "kernel/arch",
+    "kernel/mm", "kernel/drivers/block", "kernel/drivers/virtio",
+    "kernel/drivers/scsi", "kernel/drivers/ata", "kernel/drivers/md",
+    "kernel/drivers/cdrom", "kernel/drivers/nvme", "kernel/drivers/char",
+)
+
+# Removed from the root to keep it small (globs relative to the root).
+PRUNED_PATHS = (
+    "usr/share/doc/*", "usr/share/man", "usr/share/info", "usr/share/locale",
+    "usr/share/i18n", "usr/share/lintian", "usr/share/linda",
+    "usr/share/bash-completion", "usr/share/common-licenses", "usr/share/initramfs-tools",
+    "var/cache/apt/*", "var/lib/apt/lists/*", "var/log/*", "var/cache/debconf/*-old",
+    "var/lib/dpkg/*-old", "boot/*", "vmlinuz", "vmlinuz.old", "initrd.img", "initrd.img.old",
+    "etc/initramfs-tools", "tmp/*",
+    # Perl: perl-base is Essential, but nothing in the helper runs Perl.
+    "usr/bin/perl", "usr/bin/perl5*", "usr/lib/x86_64-linux-gnu/perl-base",
+    "usr/lib/x86_64-linux-gnu/perl", "usr/share/perl5", "usr/share/perl",
+)
+
+# Inside the helper root.
+HELPER_LIB_DIR = "usr/lib/snf-image-helper"
+HELPER_PROGRAM_NAME = "snf_image_helper.py"
+HELPER_INIT = "/usr/bin/snf-image-helper"
+BOOT_CHECK_PROGRAM = "boot-check"
+CHECK_FLAG = "snf_image_check_helper"
+ROOT_SERIAL = "snf-helper-root"
+
+RELEASE_FILES = ("kernel", "initrd", "image")
+OPTIONAL_RELEASE_FILES = ("vmlinuz",)
+BUILD_ID_RE = re.compile(r"^[0-9]{8}T[0-9]{6}Z-[0-9a-f]{8}(-[0-9]+)?$")
+
+# ---------------------------------------------------------------------------
+# Output and errors
+# ---------------------------------------------------------------------------
+
+
+class HelperError(Exception):
+    """An expected failure: printed as one line by main()."""
+
+
+_start_time = time.monotonic()
+
+
+def step(message):
+    print(f"[{time.monotonic() - _start_time:6.1f}s] {message}", flush=True)
+
+
+def warn(message):
+    print(f"Warning: {message}", file=sys.stderr, flush=True)
+
+
+def run(argv, *, log=None, env=None, capture=False, input=None):
+    """Run a program from an argument list; raise HelperError on failure.
+
+    With `log` (an open file) its output goes there and the error names the
+    last line of it; with `capture` stdout is returned."""
+    try:
+        if log is not None:
+            log.flush()
+            proc = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                  input=input, check=False)
+        else:
+            proc = subprocess.run(argv, capture_output=True, env=env, input=input, check=False)
+    except OSError as err:
+        raise HelperError(f"cannot run {argv[0]}: {err.strerror}") from None
+    if proc.returncode != 0:
+        if log is not None:
+            detail = last_line_of_file(log.name)
+            raise HelperError(f"{Path(argv[0]).name} failed (exit code {proc.returncode}): "
+                              f"{detail} (log: {log.name})")
+        detail = last_line(proc.stderr) or last_line(proc.stdout)
+        raise HelperError(f"{Path(argv[0]).name} failed (exit code {proc.returncode}): {detail}")
+    return proc.stdout if capture else None
+
+
+def last_line(data):
+    lines = [line.strip() for line in (data or b"").decode(errors="replace").splitlines()]
+    lines = [line for line in lines if line]
+    return lines[-1] if lines else "no output"
+
+
+def last_line_of_file(path):
+    try:
+        return last_line(Path(path).read_bytes()[-4096:])
+    except OSError:
+        return "no output"
+
+
+# ---------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------
+
+# One table: configuration key, command-line option, default, help.
+SETTINGS_TABLE = (
+    ("HELPER_DIR", "--helper-dir", "/var/lib/snf-image/helper", "where releases are installed"),
+    ("HELPER_CACHE_DIR", "--cache-dir", "", "cache of the slow root stage (default HELPER_DIR/cache)"),
+    ("HELPER_DEBIAN_SUITE", "--suite", "trixie", "Debian suite of the helper root"),
+    ("HELPER_DEBIAN_MIRROR", "--mirror", "", "Debian mirror (default: the host's own APT sources)"),
+    ("HELPER_MEMORY", "--memory", "256", "MiB of RAM for the --check boot"),
+    ("HELPER_USER", "--user", "nobody", "user qemu runs as during --check"),
+    ("MULTISTRAP", None, "multistrap", "program"),
+    ("MKFS_EXT4", None, "mkfs.ext4", "program"),
+    ("DEPMOD", None, "depmod", "program"),
+    ("QEMU", None, "qemu-system-x86_64", "program"),
+    ("ZSTD", None, "zstd", "program (decompresses zstd kernels)"),
+    ("CP", None, "cp", "program"),
+)
+
+
+def parse_config_text(text, source="configuration"):
+    """Parse KEY=value lines of a shell-style defaults file without executing it."""
+    values = {}
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("export "):
+            line = line[len("export "):].lstrip()
+        match = re.match(r"^([A-Za-z_][A-Za-z0-9_]*)=(.*)$", line)
+        if not match:
+            raise HelperError(f"{source} line {number}: expected KEY=value")
+        key, rest = match.groups()
+        try:
+            words = shlex.split(rest, comments=True, posix=True)
+        except ValueError as err:
+            raise HelperError(f"{source} line {number}: {err}") from None
+        if len(words) > 1:
+            raise HelperError(f"{source} line {number}: value of {key} must be quoted")
+        values[key] = words[0] if words else ""
+    return values
+
+
+def read_config_file(path):
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        return {}
+    except OSError as err:
+        raise HelperError(f"cannot read {path}: {err.strerror}") from None
+    return parse_config_text(text, str(path))
+
+
+def parse_apt_sources(text, deb822=True):
+    """(uri, suites) pairs of the 'deb' entries of an APT sources file."""
+    entries = []
+    if deb822:
+        for stanza in re.split(r"\n\s*\n", text):
+            fields = {}
+            for line in stanza.splitlines():
+                if line.startswith("#") or ":" not in line or line[:1].isspace():
+                    continue
+                name, value = line.split(":", 1)
+                fields[name.strip().lower()] = value.split()
+            if "deb" in fields.get("types", []) and fields.get("enabled", ["yes"])[0] != "no":
+                for uri in fields.get("uris", []):
+                    entries.append((uri, fields.get("suites", [])))
+    else:
+        for line in text.splitlines():
+            words = re.sub(r"\[[^]]*\]", " ", line.split("#", 1)[0]).split()
+            if len(words) >= 3 and words[0] == "deb":
+                entries.append((words[1], [words[2]]))
+    return entries
+
+
+def host_debian_mirror(paths=HOST_APT_SOURCES):
+    """The Debian mirror of the host's own APT sources (not the security one)."""
+    for path in paths:
+        try:
+            text = Path(path).read_text()
+        except OSError:
+            continue
+        for uri, suites in parse_apt_sources(text, deb822=path.endswith(".sources")):
+            if any(suite.endswith("-security") or "/updates" in suite for suite in suites):
+                continue
+            if uri.startswith(("http://", "https://", "file:/", "ftp://")):
+                return uri.rstrip("/")
+    raise HelperError("no Debian mirror in the host's APT sources; set HELPER_DEBIAN_MIRROR")
+
+
+@dataclass(frozen=True)
+class Settings:
+    helper_dir: Path
+    cache_dir: Path
+    suite: str
+    mirror: str
+    memory: int
+    user: str
+    programs: dict
+    helper_program: Path
+    tasks_dir: Path
+    rebuild_root: bool = False
+    accel: str = "auto"
+    check_timeout: float = 300.0
+    keep_log: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+def default_helper_sources():
+    """snf-image-helper.py and tasks.d: next to this script in a checkout, else DATADIR."""
+    here = Path(__file__).resolve().parent
+    if (here / "snf-image-helper.py").exists():
+        return here / "snf-image-helper.py", here / "tasks.d"
+    return DATADIR_HELPER / "snf-image-helper.py", DATADIR_HELPER / "tasks.d"
+
+
+def build_arg_parser():
+    parser = argparse.ArgumentParser(
+        prog="snf-image-update-helper",
+        description="Build the snf-image helper VM (multistrap root, kernel, initrd, "
+                    "read-only ext4 image) into HELPER_DIR and switch to it atomically. "
+                    "Without an action option it builds.",
+    )
+    actions = parser.add_argument_group("actions")
+    actions.add_argument("--build", action="store_true",
+                         help="build a release (the default when no other action is given)")
+    actions.add_argument("--export", metavar="FILE",
+                         help="write the current release as a tar (.tar, .tar.gz, .tar.xz)")
+    actions.add_argument("--import", dest="import_file", metavar="FILE",
+                         help="install a release exported by --export after verifying it")
+    actions.add_argument("--check", action="store_true",
+                         help="boot the current release once; report accelerator and boot time")
+    options = parser.add_argument_group("configuration (override the configuration file)")
+    for key, option, _default, help_text in SETTINGS_TABLE:
+        if option:
+            options.add_argument(option, dest=key, metavar=key, help=f"{help_text} [{key}]")
+    options.add_argument("--tasks", metavar="DIR", help="tasks directory to install (default tasks.d)")
+    options.add_argument("--helper-program", metavar="FILE",
+                         help="snf-image-helper.py to install (default: the one shipped)")
+    options.add_argument("--rebuild-root", action="store_true",
+                         help="ignore the cached root stage and run multistrap again")
+    options.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto",
+                         help="accelerator for --check (auto tries kvm briefly, then tcg)")
+    options.add_argument("--check-timeout", type=float, default=300.0, metavar="SECONDS",
+                         help="give up a --check boot under tcg after this long")
+    return parser
+
+
+def load_settings(args, environ=os.environ):
+    config_path = environ.get("SNF_IMAGE_CONFIG", DEFAULT_CONFIG_FILE)
+    config = read_config_file(config_path)
+    values = {}
+    for key, _option, default, _help in SETTINGS_TABLE:
+        value = getattr(args, key, None)
+        values[key] = value if value is not None else config.get(key, default)
+    helper_dir = Path(values["HELPER_DIR"]).absolute()
+    cache_dir = Path(values["HELPER_CACHE_DIR"]).absolute() if values["HELPER_CACHE_DIR"] \
+        else helper_dir / "cache"
+    suite = values["HELPER_DEBIAN_SUITE"]
+    if not re.match(r"^[a-z][a-z0-9.-]*$", suite):
+        raise HelperError(f"invalid Debian suite {suite!r}")
+    try:
+        memory = int(values["HELPER_MEMORY"])
+    except ValueError:
+        raise HelperError(f"HELPER_MEMORY must be a number of MiB, not {values['HELPER_MEMORY']!r}") from None
+    program, tasks = default_helper_sources()
+    return Settings(
+        helper_dir=helper_dir,
+        cache_dir=cache_dir,
+        suite=suite,
+        mirror=values["HELPER_DEBIAN_MIRROR"].rstrip("/"),
+        memory=memory,
+        user=values["HELPER_USER"],
+        programs={key: values[key] for key, option, *_ in SETTINGS_TABLE if option is None},
+        helper_program=Path(args.helper_program).absolute() if args.helper_program else program,
+        tasks_dir=Path(args.tasks).absolute() if args.tasks else tasks,
+        rebuild_root=args.rebuild_root,
+        accel=args.accel,
+        check_timeout=args.check_timeout,
+    )
+
+
+# ---------------------------------------------------------------------------
+# Resources
+# ---------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def temporary_directory(parent, prefix):
+    """A directory removed on exit, whatever happens."""
+    Path(parent).mkdir(parents=True, exist_ok=True)
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def exclusive_lock(path, what):
+    """An flock held for the duration; waits for another builder, saying so."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            step(f"waiting for another builder to release {what} ({path})")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def running_process(argv, **kwargs):
+    """A child process killed (and reaped) on exit from the block."""
+    proc = subprocess.Popen(argv, **kwargs)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+# ---------------------------------------------------------------------------
+# Hashing and small file helpers
+# ---------------------------------------------------------------------------
+
+
+def sha256_file(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def hash_tree(digest, root):
+    """Feed names, modes and contents of every file below root into digest."""
+    root = Path(root)
+    if not root.exists():
+        digest.update(b"<absent>")
+        return
+    for path in sorted(root.rglob("*")):
+        relative = path.relative_to(root).as_posix()
+        info = path.lstat()
+        digest.update(f"{relative}\0{stat.S_IMODE(info.st_mode) & 0o111:o}\0".encode())
+        if path.is_symlink():
+            digest.update(os.readlink(path).encode())
+        elif path.is_file():
+            digest.update(path.read_bytes())
+        digest.update(b"\0")
+
+
+def write_file_atomic(path, data, mode=0o644):
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as stream:
+        stream.write(data)
+        stream.flush()
+        os.fsync(stream.fileno())
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
+
+
+def link_or_copy(source, destination):
+    try:
+        os.link(source, destination)
+    except OSError:
+        shutil.copy2(source, destination)
+
+
+def replace_symlink(target, link_path):
+    """Point link_path at target; readers see either the old or the new link."""
+    link_path = Path(link_path)
+    tmp = link_path.with_name(f".{link_path.name}.tmp{os.getpid()}")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    os.symlink(target, tmp)
+    os.replace(tmp, link_path)
+
+
+# ---------------------------------------------------------------------------
+# Kernel: vmlinux out of a bzImage, PVH note
+# ---------------------------------------------------------------------------
+
+PT_NOTE = 4
+XEN_ELFNOTE_PHYS32_ENTRY = 18
+
+
+def decompress_kernel_payload(payload, zstd_program="zstd"):
+    """Decompress a bzImage payload (gzip, xz, lzma, bzip2 with the standard
+    library; zstd through the zstd program)."""
+    if payload.startswith(b"\x1f\x8b"):
+        return zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(payload)
+    if payload.startswith(b"\xfd7zXZ\x00"):
+        return lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(payload)
+    if payload.startswith(b"\x5d\x00\x00"):
+        return lzma.LZMADecompressor(format=lzma.FORMAT_ALONE).decompress(payload)
+    if payload.startswith(b"BZh"):
+        return bz2.BZ2Decompressor().decompress(payload)
+    if payload.startswith(b"\x28\xb5\x2f\xfd"):
+        return run([zstd_program, "-q", "-d", "-c"], input=payload, capture=True)
+    raise HelperError(f"unsupported kernel compression (magic {payload[:4].hex()})")
+
+
+def elf_extent(elf):
+    """Bytes of an ELF64 file actually described by its headers (drops the
+    relocation table the bzImage decompressor appends)."""
+    e_phoff, e_shoff = struct.unpack_from("<QQ", elf, 0x20)
+    e_phentsize, e_phnum, e_shentsize, e_shnum = struct.unpack_from("<HHHH", elf, 0x36)
+    end = max(0x40, e_phoff + e_phentsize * e_phnum, e_shoff + e_shentsize * e_shnum)
+    for index in range(e_phnum):
+        _type, _flags, offset, _vaddr, _paddr, filesz = struct.unpack_from(
+            "<IIQQQQ", elf, e_phoff + index * e_phentsize)
+        end = max(end, offset + filesz)
+    return end
+
+
+def extract_vmlinux(bzimage, zstd_program="zstd"):
+    """The uncompressed ELF kernel inside a bzImage (boot protocol >= 2.08)."""
+    if bzimage[:4] == b"\x7fELF":
+        return bzimage
+    if len(bzimage) < 0x260 or bzimage[0x202:0x206] != b"HdrS":
+        raise HelperError("kernel is neither an ELF vmlinux nor a bzImage")
+    protocol = struct.unpack_from("<H", bzimage, 0x206)[0]
+    if protocol < 0x208:
+        raise HelperError(f"bzImage boot protocol {protocol:#x} has no payload fields")
+    setup_sects = bzimage[0x1f1] or 4
+    payload_offset, payload_length = struct.unpack_from("<II", bzimage, 0x248)
+    start = (setup_sects + 1) * 512 + payload_offset
+    payload = bzimage[start:start + payload_length]
+    if len(payload) != payload_length or payload_length < 8:
+        raise HelperError("bzImage payload lies outside the file")
+    # The kernel build appends the uncompressed size (le32) to the payload.
+    expected_size = struct.unpack("<I", payload[-4:])[0]
+    vmlinux = decompress_kernel_payload(payload[:-4], zstd_program)
+    if len(vmlinux) != expected_size:
+        raise HelperError(f"decompressed kernel is {len(vmlinux)} bytes, expected {expected_size}")
+    if vmlinux[:4] != b"\x7fELF" or vmlinux[4] != 2:
+        raise HelperError("decompressed kernel is not an ELF64 file")
+    return vmlinux[:elf_extent(vmlinux)]
+
+
+def elf_has_pvh_note(elf):
+    """True if the ELF has the Xen PHYS32_ENTRY note qemu needs for PVH boot."""
+    if elf[:4] != b"\x7fELF" or elf[4] != 2 or elf[5] != 1:
+        return False
+    e_phoff = struct.unpack_from("<Q", elf, 0x20)[0]
+    e_phentsize, e_phnum = struct.unpack_from("<HH", elf, 0x36)
+    for index in range(e_phnum):
+        p_type, _flags, offset, _vaddr, _paddr, filesz = struct.unpack_from(
+            "<IIQQQQ", elf, e_phoff + index * e_phentsize)
+        if p_type != PT_NOTE:
+            continue
+        position, end = offset, offset + filesz
+        while position + 12 <= end:
+            namesz, descsz, note_type = struct.unpack_from("<III", elf, position)
+            name = elf[position + 12:position + 12 + namesz]
+            if name == b"Xen\x00" and note_type == XEN_ELFNOTE_PHYS32_ENTRY:
+                return True
+            position += 12 + (namesz + 3) // 4 * 4 + (descsz + 3) // 4 * 4
+    return False
+
+
+# ---------------------------------------------------------------------------
+# Modules
+# ---------------------------------------------------------------------------
+
+
+def module_name(path):
+    name = Path(path).name
+    for suffix in (".xz", ".zst", ".gz"):
+        name = name.removesuffix(suffix)
+    return name.removesuffix(".ko").replace("-", "_")
+
+
+def parse_modules_dep(text):
+    """{name: (relative path, [dependency paths])} from modules.dep."""
+    table = {}
+    for line in text.splitlines():
+        if ":" not in line:
+            continue
+        path, deps = line.split(":", 1)
+        table[module_name(path)] = (path.strip(), deps.split())
+    return table
+
+
+def parse_modules_builtin(text):
+    return {module_name(line.strip()) for line in text.splitlines() if line.strip()}
+
+
+def module_load_order(wanted, modules_dep, builtin):
+    """Relative paths of the wanted modules and their dependencies,
+    dependencies first; built-in modules are skipped."""
+    by_path = {path: name for name, (path, _deps) in modules_dep.items()}
+    order, seen = [], set()
+
+    def visit(name):
+        if name in seen:
+            return
+        seen.add(name)
+        path, deps = modules_dep[name]
+        for dep in reversed(deps):
+            visit(by_path.get(dep, module_name(dep)))
+        order.append(path)
+
+    for name in wanted:
+        name = name.replace("-", "_")
+        if name in modules_dep:
+            visit(name)
+        elif name not in builtin:
+            raise HelperError(f"kernel module {name} is neither a module nor built in")
+    return order
+
+
+def read_module(path):
+    """Module bytes, decompressed (busybox insmod gets plain .ko files)."""
+    data = Path(path).read_bytes()
+    if data.startswith(b"\xfd7zXZ\x00"):
+        return lzma.decompress(data)
+    if data.startswith(b"\x1f\x8b"):
+        return gzip.decompress(data)
+    if data.startswith(b"\x28\xb5\x2f\xfd"):
+        return run(["zstd", "-q", "-d", "-c", str(path)], capture=True)
+    return data
+
+
+# ---------------------------------------------------------------------------
+# Initrd: cpio newc written here
+# ---------------------------------------------------------------------------
+
+
+class CpioWriter:
+    """Writes a cpio archive in the 'newc' format the kernel unpacks."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.next_inode = 1
+        self.closed = False
+
+    def _entry(self, name, mode, data=b"", rdev=(0, 0), nlink=1):
+        name_bytes = name.encode() + b"\0"
+        header = "070701" + "".join(f"{value:08x}" for value in (
+            self.next_inode if name != "TRAILER!!!" else 0, mode, 0, 0, nlink, 0,
+            len(data), 0, 0, rdev[0], rdev[1], len(name_bytes), 0))
+        self.next_inode += 1
+        self.stream.write(header.encode() + name_bytes)
+        self.stream.write(b"\0" * (-(110 + len(name_bytes)) % 4))
+        self.stream.write(data)
+        self.stream.write(b"\0" * (-len(data) % 4))
+
+    def add_directory(self, name, mode=0o755):
+        self._entry(name, stat.S_IFDIR | mode, nlink=2)
+
+    def add_file(self, name, data, mode=0o644):
+        self._entry(name, stat.S_IFREG | mode, data)
+
+    def add_symlink(self, name, target):
+        self._entry(name, stat.S_IFLNK | 0o777, target.encode())
+
+    def add_char_device(self, name, major, minor, mode=0o600):
+        self._entry(name, stat.S_IFCHR | mode, rdev=(major, minor))
+
+    def close(self):
+        if not self.closed:
+            self._entry("TRAILER!!!", 0, nlink=1)
+            self.closed = True
+
+
+INIT_SCRIPT = r"""#!/bin/sh
+# snf-image helper initrd: load the modules that reach the root disk, mount
+# it read-only and hand over to init= (snf-image-helper) with /proc, /sys and
+# /dev already mounted. On any failure: power off (the host sees no result).
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+
+fail() {
+    echo "snf-image initrd: ERROR: $*"
+    poweroff -f
+    sleep 10
+}
+
+root=/dev/vda
+init=/sbin/init
+fstype=ext4
+for word in $(cat /proc/cmdline); do
+    case "$word" in
+        root=*) root="${word#root=}" ;;
+        init=*) init="${word#init=}" ;;
+        rootfstype=*) fstype="${word#rootfstype=}" ;;
+        snf_image_initrd_debug) set -x ;;
+    esac
+done
+
+while read -r module; do
+    insmod "/lib/modules/$module" || echo "snf-image initrd: cannot load $module"
+done < /lib/modules/load-order
+
+# Prefer the disk whose virtio serial names it as the helper root.
+device=
+tries=0
+while [ -z "$device" ]; do
+    for serial in /sys/block/vd*/serial; do
+        [ -e "$serial" ] || continue
+        if [ "$(cat "$serial")" = "@ROOT_SERIAL@" ]; then
+            device="/dev/$(basename "$(dirname "$serial")")"
+        fi
+    done
+    if [ -z "$device" ] && [ "$tries" -ge 50 ] && [ -b "$root" ]; then
+        device="$root"
+    fi
+    if [ -z "$device" ]; then
+        tries=$((tries + 1))
+        [ "$tries" -le 600 ] || fail "root disk @ROOT_SERIAL@ / $root did not appear"
+        usleep 50000
+    fi
+done
+
+mount -t "$fstype" -o ro "$device" /newroot || fail "cannot mount $device on /newroot"
+[ -x "/newroot$init" ] || [ -L "/newroot$init" ] || fail "no init $init in the helper root"
+for fs in dev proc sys; do
+    mount --move "/$fs" "/newroot/$fs" || fail "cannot move /$fs"
+done
+exec switch_root /newroot "$init" "$@"
+fail "switch_root failed"
+"""
+
+INIT_APPLETS = ("sh", "mount", "insmod", "poweroff", "sleep", "usleep", "cat",
+                "basename", "dirname", "switch_root", "echo")
+
+
+def write_initrd(path, busybox, modules):
+    """gzip'ed cpio: /init, static busybox, decompressed modules (name, bytes)
+    in load order."""
+    raw = io.BytesIO()
+    archive = CpioWriter(raw)
+    for directory in ("bin", "dev", "proc", "sys", "newroot", "lib", "lib/modules"):
+        archive.add_directory(directory)
+    archive.add_char_device("dev/console", 5, 1)
+    archive.add_char_device("dev/null", 1, 3, 0o666)
+    archive.add_file("bin/busybox", busybox, 0o755)
+    for applet in INIT_APPLETS:
+        archive.add_symlink(f"bin/{applet}", "busybox")
+    archive.add_file("init", INIT_SCRIPT.replace("@ROOT_SERIAL@", ROOT_SERIAL).encode(), 0o755)
+    order = []
+    for name, data in modules:
+        archive.add_file(f"lib/modules/{name}", data)
+        order.append(name)
+    archive.add_file("lib/modules/load-order", "".join(f"{n}\n" for n in order).encode())
+    archive.close()
+    compressed = io.BytesIO()
+    with gzip.GzipFile(fileobj=compressed, mode="wb", compresslevel=9, mtime=0) as gz:
+        gz.write(raw.getvalue())
+    write_file_atomic(path, compressed.getvalue())
+
+
+# ---------------------------------------------------------------------------
+# Root stage (cached): multistrap, kernel, pruning
+# ---------------------------------------------------------------------------
+
+
+def multistrap_config(suite, mirror, packages):
+    return (
+        "[General]\n"
+        "arch=amd64\n"
+        "cleanup=true\n"
+        "noauth=false\n"
+        "unpack=true\n"
+        "explicitsuite=false\n"
+        "aptsources=Debian\n"
+        "bootstrap=Debian\n"
+        "\n"
+        "[Debian]\n"
+        f"packages={' '.join(packages)}\n"
+        f"source={mirror}\n"
+        "keyring=debian-archive-keyring\n"
+        f"suite={suite}\n"
+        "components=main\n"
+    )
+
+
+def root_cache_key(suite, mirror):
+    recipe = {"recipe": ROOT_RECIPE_VERSION, "suite": suite, "mirror": mirror,
+              "packages": HELPER_PACKAGES, "kept_modules": KEPT_MODULE_DIRS,
+              "pruned": PRUNED_PATHS}
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def installed_packages(root):
+    """{package: version} of the installed packages, from the dpkg status file."""
+    packages = {}
+    text = (Path(root) / "var/lib/dpkg/status").read_text(errors="replace")
+    for stanza in text.split("\n\n"):
+        fields = dict(re.findall(r"^([A-Za-z-]+): (.*)$", stanza, re.MULTILINE))
+        if fields.get("Status", "").endswith(" installed") and "Package" in fields:
+            packages[fields["Package"]] = fields.get("Version", "")
+    return packages
+
+
+def remove_path(path):
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path)
+
+
+def prune_root(root):
+    for pattern in PRUNED_PATHS:
+        for path in root.glob(pattern):
+            remove_path(path)
+    gconv = root / "usr/lib/x86_64-linux-gnu/gconv"
+    if gconv.is_dir():
+        for path in gconv.iterdir():
+            if not (path.name.startswith("gconv-modules") or path.name.startswith(("UTF-", "UNICODE"))):
+                remove_path(path)
+    zoneinfo = root / "usr/share/zoneinfo"
+    if zoneinfo.is_dir():
+        for path in zoneinfo.iterdir():
+            if path.name not in ("UTC", "Etc", "zone.tab", "zone1970.tab", "tzdata.zi"):
+                remove_path(path)
+
+
+def prune_modules(module_dir):
+    for path in sorted(module_dir.glob("kernel/**/*"), reverse=True):
+        relative = path.relative_to(module_dir).as_posix()
+        kept = any(relative == d or relative.startswith(d + "/") or d.startswith(relative + "/")
+                   for d in KEPT_MODULE_DIRS)
+        if not kept:
+            remove_path(path)
+
+
+def configure_root(root):
+    (root / "etc/hostname").write_text("snf-image-helper\n")
+    (root / "etc/fstab").write_text("# The helper root is mounted read-only by the initrd.\n")
+    mtab = root / "etc/mtab"
+    if mtab.is_symlink() or mtab.exists():
+        mtab.unlink()
+    mtab.symlink_to("../proc/self/mounts")
+    for directory in ("proc", "sys", "dev", "tmp", "run", "mnt", "var/tmp"):
+        (root / directory).mkdir(parents=True, exist_ok=True)
+
+
+def build_root_stage(settings, entry, mirror):
+    """Run multistrap and prepare the cache entry directory `entry`."""
+    root = entry / "root"
+    # Merged /usr before unpacking: trixie packages ship /usr paths only and
+    # dpkg in the chroot needs /bin/sh.
+    for directory in ("bin", "sbin", "lib", "lib64"):
+        (root / "usr" / directory).mkdir(parents=True, exist_ok=True)
+        (root / directory).symlink_to(f"usr/{directory}")
+    config = entry / "multistrap.conf"
+    config.write_text(multistrap_config(settings.suite, mirror, HELPER_PACKAGES))
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "USER": "root", "HOME": "/root",
+           "LC_ALL": "C", "DEBIAN_FRONTEND": "noninteractive",
+           "INITRD": "No"}  # the kernel postinst must not build an initramfs
+    step(f"multistrap: Debian {settings.suite} from {mirror} (about 20-60 s; log {entry}/multistrap.log)")
+    with open(entry / "multistrap.log", "w") as log:
+        run([settings.programs["MULTISTRAP"], "-d", str(root), "-f", str(config)], log=log, env=env)
+    if not (root / "usr/bin/python3").exists() or not (root / "usr/bin/busybox").exists():
+        raise HelperError(f"multistrap finished but the root lacks python3 or busybox "
+                          f"(log: {entry}/multistrap.log)")
+    packages = installed_packages(root)
+
+    step("kernel: taking the kernel out of the root")
+    kernels = sorted((root / "boot").glob("vmlinuz-*"))
+    module_dirs = sorted((root / "usr/lib/modules").glob("*"))
+    if len(kernels) != 1 or len(module_dirs) != 1:
+        raise HelperError(f"expected one kernel in the helper root, found {len(kernels)}")
+    kernel_version = kernels[0].name.removeprefix("vmlinuz-")
+    if module_dirs[0].name != kernel_version:
+        raise HelperError(f"kernel {kernel_version} but modules for {module_dirs[0].name}")
+    shutil.copy2(kernels[0], entry / "vmlinuz")
+    for config_file in (root / "boot").glob("config-*"):
+        shutil.copy2(config_file, entry / "kernel-config")
+    bzimage = (entry / "vmlinuz").read_bytes()
+    kernel_format = "bzImage"
+    try:
+        vmlinux = extract_vmlinux(bzimage, settings.programs["ZSTD"])
+        if elf_has_pvh_note(vmlinux):
+            write_file_atomic(entry / "vmlinux", vmlinux)
+            kernel_format = "vmlinux-pvh"
+        else:
+            warn("the extracted vmlinux has no PVH note; the helper boots the bzImage")
+    except HelperError as err:
+        warn(f"cannot extract vmlinux ({err}); the helper boots the bzImage")
+
+    step("modules: pruning the module tree, depmod")
+    module_dir = module_dirs[0]
+    full_dep = parse_modules_dep((module_dir / "modules.dep").read_text())
+    builtin = parse_modules_builtin((module_dir / "modules.builtin").read_text())
+    initrd_order = module_load_order(INITRD_MODULES, full_dep, builtin)
+    initrd_dir = entry / "initrd-modules"
+    initrd_dir.mkdir()
+    names = []
+    for relative in initrd_order:
+        name = module_name(relative) + ".ko"
+        (initrd_dir / name).write_bytes(read_module(module_dir / relative))
+        names.append(name)
+    (initrd_dir / "load-order").write_text("".join(f"{n}\n" for n in names))
+    prune_modules(module_dir)
+    run([settings.programs["DEPMOD"], "-b", str(root), kernel_version])
+
+    step("root: removing docs, man pages, locales, Perl")
+    prune_root(root)
+    configure_root(root)
+    info = {"suite": settings.suite, "mirror": mirror, "kernel_version": kernel_version,
+            "kernel_format": kernel_format, "packages": packages,
+            "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    (entry / "info.json").write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
+
+
+def prepared_root_stage(settings):
+    """The cache entry of the root stage, built if missing (under the cache lock)."""
+    mirror = settings.mirror or host_debian_mirror()
+    key = root_cache_key(settings.suite, mirror)
+    entry = settings.cache_dir / f"rootfs-{key}"
+    if settings.rebuild_root and entry.exists():
+        step(f"root stage: discarding cached {entry.name}")
+        shutil.rmtree(entry)
+    if (entry / "info.json").exists():
+        step(f"root stage: cached ({entry})")
+        return entry
+    if os.geteuid() != 0:
+        raise HelperError("building the helper root needs root (multistrap configures packages in a chroot)")
+    with temporary_directory(settings.cache_dir, f".rootfs-{key}.") as work:
+        work.chmod(0o755)
+        build_root_stage(settings, work, mirror)
+        os.rename(work, entry)
+        work.mkdir()  # for temporary_directory's cleanup
+    for old in settings.cache_dir.glob("rootfs-*"):
+        if old != entry:
+            step(f"root stage: removing the old cache {old.name}")
+            shutil.rmtree(old, ignore_errors=True)
+    return entry
+
+
+# ---------------------------------------------------------------------------
+# Release assembly
+# ---------------------------------------------------------------------------
+
+BOOT_CHECK_SOURCE = r'''#!/usr/bin/python3
+"""Fallback boot check of the helper (used by snf-image-update-helper --check
+when snf-image-helper does not know snf_image_check_helper): proves the root,
+Python and the serial ports work, then powers off."""
+import ctypes, os, termios, tty
+fd = os.open("/dev/ttyS1", os.O_WRONLY | os.O_NOCTTY)
+tty.setraw(fd)
+os.write(fd, b"SUCCESS\n")
+termios.tcdrain(fd)
+os.sync()
+ctypes.CDLL(None, use_errno=True).reboot(0x4321FEDC)
+'''
+
+
+def helper_supports_check(program_path):
+    try:
+        return CHECK_FLAG in Path(program_path).read_text(errors="replace")
+    except OSError:
+        return False
+
+
+def install_helper_files(root, helper_program, tasks_dir):
+    lib = root / HELPER_LIB_DIR
+    if lib.exists():
+        shutil.rmtree(lib)
+    (lib / "tasks").mkdir(parents=True)
+    if helper_program.exists():
+        shutil.copyfile(helper_program, lib / HELPER_PROGRAM_NAME)
+    else:
+        warn(f"{helper_program} does not exist yet; the helper has no init program")
+        (lib / HELPER_PROGRAM_NAME).write_text("#!/usr/bin/python3\nraise SystemExit('no snf-image-helper')\n")
+    (lib / HELPER_PROGRAM_NAME).chmod(0o755)
+    (lib / BOOT_CHECK_PROGRAM).write_text(BOOT_CHECK_SOURCE)
+    (lib / BOOT_CHECK_PROGRAM).chmod(0o755)
+    if tasks_dir.is_dir():
+        for task in sorted(tasks_dir.iterdir()):
+            if task.is_file() and not task.name.startswith("."):
+                shutil.copyfile(task, lib / "tasks" / task.name)
+                (lib / "tasks" / task.name).chmod(0o755 if os.access(task, os.X_OK) else 0o644)
+    elif tasks_dir.exists():
+        raise HelperError(f"tasks directory {tasks_dir} is not a directory")
+    link = root / HELPER_INIT.lstrip("/")
+    if link.exists() or link.is_symlink():
+        link.unlink()
+    link.symlink_to(f"../lib/snf-image-helper/{HELPER_PROGRAM_NAME}")
+
+
+def tree_size(root):
+    """(bytes rounded to 4 KiB blocks, number of inodes) below root."""
+    total, count = 0, 0
+    for directory, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            info = os.lstat(os.path.join(directory, name))
+            total += (info.st_size + 4095) // 4096 * 4096 if not stat.S_ISDIR(info.st_mode) else 4096
+            count += 1
+    return total, count
+
+
+def make_root_image(settings, root, image):
+    used, inodes = tree_size(root)
+    size_kib = (int(used * 1.08) + 24 * 1024 * 1024) // 1024
+    run([settings.programs["MKFS_EXT4"], "-q", "-F", "-t", "ext4", "-b", "4096", "-m", "0",
+         "-N", str(inodes + 2048), "-L", "snf-helper-root",
+         "-O", "^has_journal,^metadata_csum,^resize_inode",
+         "-E", "root_owner=0:0", "-d", str(root), str(image), f"{size_kib}k"])
+    image.chmod(0o644)
+
+
+def inputs_hash(settings, root_key):
+    digest = hashlib.sha256()
+    digest.update(f"{SNF_IMAGE_VERSION}\0{root_key}\0".encode())
+    digest.update(Path(__file__).read_bytes())
+    if settings.helper_program.exists():
+        digest.update(settings.helper_program.read_bytes())
+    hash_tree(digest, settings.tasks_dir)
+    return digest.hexdigest()
+
+
+def new_build_id(releases, digest):
+    base = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + digest[:8]
+    build_id, counter = base, 1
+    while (releases / build_id).exists():
+        build_id, counter = f"{base}-{counter}", counter + 1
+    return build_id
+
+
+def assemble_release(settings, entry, releases):
+    """Build a complete release directory from the cached root stage; return its path."""
+    info = json.loads((entry / "info.json").read_text())
+    digest = inputs_hash(settings, entry.name)
+    build_id = new_build_id(releases, digest)
+    with temporary_directory(releases, f".build-{build_id}.") as work:
+        work.chmod(0o755)
+        step("release: copying the cached root (hard links)")
+        staging = work / "root"
+        run([settings.programs["CP"], "-al", str(entry / "root"), str(staging)])
+        install_helper_files(staging, settings.helper_program, settings.tasks_dir)
+        (staging / HELPER_LIB_DIR / "release.json").write_text(json.dumps(
+            {"build_id": build_id, "snf_image_version": SNF_IMAGE_VERSION,
+             "inputs_hash": digest}, indent=1) + "\n")
+        step("release: root image (mkfs.ext4 -d, no journal)")
+        make_root_image(settings, staging, work / "image")
+        shutil.rmtree(staging)
+        step("release: initrd (busybox + modules, cpio newc + gzip)")
+        modules_dir = entry / "initrd-modules"
+        order = (modules_dir / "load-order").read_text().split()
+        write_initrd(work / "initrd", (entry / "root/usr/bin/busybox").read_bytes(),
+                     [(name, (modules_dir / name).read_bytes()) for name in order])
+        kernel_source = entry / ("vmlinux" if info["kernel_format"] == "vmlinux-pvh" else "vmlinuz")
+        link_or_copy(kernel_source, work / "kernel")
+        link_or_copy(entry / "vmlinuz", work / "vmlinuz")
+        step("release: manifest (sha256 of every file)")
+        files = {name: sha256_file(work / name) for name in RELEASE_FILES + OPTIONAL_RELEASE_FILES}
+        manifest = {
+            "format": 1,
+            "build_id": build_id,
+            "snf_image_version": SNF_IMAGE_VERSION,
+            "suite": info["suite"],
+            "mirror": info["mirror"],
+            "kernel_version": info["kernel_version"],
+            "kernel_format": info["kernel_format"],
+            "build_time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "inputs_hash": digest,
+            "root_stage": entry.name,
+            "check_flag": helper_supports_check(settings.helper_program),
+            "tasks": sorted(p.name for p in settings.tasks_dir.iterdir()
+                            if p.is_file() and not p.name.startswith("."))
+            if settings.tasks_dir.is_dir() else [],
+            "packages": info["packages"],
+            "files": files,
+        }
+        write_file_atomic(work / "manifest.json",
+                          (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
+        for name in files:
+            (work / name).chmod(0o644)
+        final = releases / build_id
+        os.rename(work, final)
+        work.mkdir()  # for temporary_directory's cleanup
+    return final
+
+
+def switch_current(helper_dir, release):
+    """Point HELPER_DIR/current at release (atomic rename), refresh the
+    compatibility links, keep the previous release, drop older ones."""
+    current = helper_dir / "current"
+    previous = None
+    if current.is_symlink():
+        previous = (helper_dir / os.readlink(current)).resolve()
+    replace_symlink(f"releases/{release.name}", current)
+    for name in RELEASE_FILES:
+        replace_symlink(f"current/{name}", helper_dir / name)
+    for old in (helper_dir / "releases").iterdir():
+        if old.name.startswith(".") or old.resolve() in (release.resolve(), previous):
+            continue
+        step(f"removing old release {old.name}")
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def build(settings):
+    helper_dir = settings.helper_dir
+    releases = helper_dir / "releases"
+    releases.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(settings.cache_dir / "lock", "the root stage cache"):
+        entry = prepared_root_stage(settings)
+        with exclusive_lock(helper_dir / "lock", "HELPER_DIR"):
+            release = assemble_release(settings, entry, releases)
+            switch_current(helper_dir, release)
+    step(f"helper release {release.name} is current in {helper_dir}")
+    return release
+
+
+# ---------------------------------------------------------------------------
+# Export / import
+# ---------------------------------------------------------------------------
+
+
+def current_release(helper_dir):
+    current = helper_dir / "current"
+    if not current.is_symlink():
+        raise HelperError(f"no helper built in {helper_dir} (run snf-image-update-helper)")
+    release = current.resolve()
+    if not (release / "manifest.json").is_file():
+        raise HelperError(f"{release} has no manifest.json")
+    return release
+
+
+def read_manifest(release):
+    try:
+        manifest = json.loads((release / "manifest.json").read_text())
+    except (OSError, ValueError) as err:
+        raise HelperError(f"unreadable manifest in {release}: {err}") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        raise HelperError(f"manifest in {release} has no file list")
+    return manifest
+
+
+def verify_release(release, manifest):
+    build_id = manifest.get("build_id", "")
+    if not BUILD_ID_RE.match(str(build_id)):
+        raise HelperError(f"manifest has an invalid build id {build_id!r}")
+    for name in RELEASE_FILES:
+        if name not in manifest["files"]:
+            raise HelperError(f"manifest lists no {name}")
+    for name, expected in manifest["files"].items():
+        if name not in RELEASE_FILES + OPTIONAL_RELEASE_FILES:
+            raise HelperError(f"manifest lists an unexpected file {name!r}")
+        path = release / name
+        if not path.is_file():
+            raise HelperError(f"release lacks {name}")
+        if sha256_file(path) != expected:
+            raise HelperError(f"{name} does not match the sha256 in the manifest")
+
+
+def tar_mode(path, writing):
+    name = str(path)
+    compression = "gz" if name.endswith((".gz", ".tgz")) else "xz" if name.endswith(".xz") else ""
+    return ("w" if writing else "r") + (f":{compression}" if compression else (":" if writing else ":*"))
+
+
+def export_release(settings, target):
+    release = current_release(settings.helper_dir)
+    manifest = read_manifest(release)
+    step(f"export: verifying release {release.name}")
+    verify_release(release, manifest)
+    target = Path(target)
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    try:
+        with tarfile.open(tmp, tar_mode(target, True), format=tarfile.PAX_FORMAT) as archive:
+            for name in ["manifest.json"] + sorted(manifest["files"]):
+                step(f"export: adding {name}")
+                info = archive.gettarinfo(str(release / name), f"{release.name}/{name}")
+                info.uid = info.gid = 0
+                info.uname = info.gname = "root"
+                with open(release / name, "rb") as stream:
+                    archive.addfile(info, stream)
+        os.replace(tmp, target)
+    except OSError as err:
+        raise HelperError(f"cannot write {target}: {err.strerror or err}") from None
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    step(f"exported {release.name} to {target}")
+
+
+def import_release(settings, source):
+    source = Path(source)
+    if not source.is_file():
+        raise HelperError(f"{source} does not exist")
+    releases = settings.helper_dir / "releases"
+    releases.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(settings.helper_dir / "lock", "HELPER_DIR"), \
+            temporary_directory(releases, ".import.") as work:
+        work.chmod(0o755)
+        try:
+            with tarfile.open(source, tar_mode(source, False)) as archive:
+                top = None
+                for member in archive:
+                    parts = member.name.split("/")
+                    if len(parts) != 2 or not member.isfile() or parts[1] not in \
+                            ("manifest.json",) + RELEASE_FILES + OPTIONAL_RELEASE_FILES:
+                        raise HelperError(f"unexpected member {member.name!r} in {source}")
+                    if top not in (None, parts[0]):
+                        raise HelperError(f"{source} holds more than one release")
+                    top = parts[0]
+                    step(f"import: extracting {parts[1]}")
+                    with archive.extractfile(member) as stream, \
+                            open(work / parts[1], "xb") as output:
+                        shutil.copyfileobj(stream, output, 1 << 20)
+                    (work / parts[1]).chmod(0o644)
+        except (tarfile.TarError, EOFError, lzma.LZMAError, zlib.error, OSError) as err:
+            raise HelperError(f"cannot read {source}: {err}") from None
+        if top is None:
+            raise HelperError(f"{source} is empty")
+        manifest = read_manifest(work)
+        if manifest.get("build_id") != top:
+            raise HelperError(f"{source}: directory {top!r} does not match build id in the manifest")
+        step("import: verifying sha256 of every file against the manifest")
+        verify_release(work, manifest)
+        extra = {p.name for p in work.iterdir()} - {"manifest.json"} - set(manifest["files"])
+        if extra:
+            raise HelperError(f"{source} has files not in its manifest: {', '.join(sorted(extra))}")
+        final = releases / top
+        if final.exists():
+            verify_release(final, read_manifest(final))
+            step(f"import: release {top} is already installed")
+        else:
+            os.rename(work, final)
+            work.mkdir()
+        switch_current(settings.helper_dir, final)
+    step(f"imported helper release {top}; it is current in {settings.helper_dir}")
+    return final
+
+
+# ---------------------------------------------------------------------------
+# Booting the helper (--check)
+# ---------------------------------------------------------------------------
+
+
+def kvm_usable():
+    return os.access("/dev/kvm", os.R_OK | os.W_OK)
+
+
+def qemu_command(settings, release, accel, work, kernel=None, append_extra=(), init=HELPER_INIT):
+    append = ["console=ttyS0", "panic=-1", "quiet", "ro", "root=/dev/vda", "rootfstype=ext4",
+              f"init={init}", "hypervisor=kvm", *append_extra]
+    argv = [settings.programs["QEMU"], "-accel", accel, "-machine", "pc", "-cpu", "max",
+            "-smp", "1", "-m", str(settings.memory),
+            "-nodefaults", "-nographic", "-no-reboot", "-vga", "none", "-monitor", "none",
+            "-parallel", "none",
+            "-kernel", str(kernel or release / "kernel"), "-initrd", str(release / "initrd"),
+            "-append", " ".join(append),
+            "-drive", f"file={release / 'image'},format=raw,if=none,id=helperroot,readonly=on",
+            "-device", f"virtio-blk-pci,drive=helperroot,serial={ROOT_SERIAL}",
+            "-serial", f"file:{work / 'console'}", "-serial", f"file:{work / 'result'}",
+            "-serial", "null", "-serial", "null"]
+    if os.geteuid() == 0 and settings.user:
+        argv += ["-runas", settings.user]
+    return argv
+
+
+def boot_once(settings, release, accel, timeout, kernel=None):
+    """Boot the helper in check mode: (succeeded, seconds, reason)."""
+    check_supported = read_manifest(release).get("check_flag", False)
+    if check_supported:
+        extra, init = (CHECK_FLAG,), HELPER_INIT
+    else:
+        extra, init = (), f"/{HELPER_LIB_DIR}/{BOOT_CHECK_PROGRAM}"
+    with temporary_directory(tempfile.gettempdir(), "snf-image-check.") as work:
+        work.chmod(0o755)
+        argv = qemu_command(settings, release, accel, work, kernel, extra, init)
+        started = time.monotonic()
+        with running_process(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE) as proc:
+            try:
+                _out, err = proc.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                return False, time.monotonic() - started, f"no answer within {timeout:.0f} s"
+        elapsed = time.monotonic() - started
+        result = (work / "result").read_bytes().decode(errors="replace") if (work / "result").exists() else ""
+        first = result.splitlines()[0].strip("\r") if result.strip() else ""
+        if first == "SUCCESS":
+            return True, elapsed, "SUCCESS"
+        if proc.returncode != 0:
+            return False, elapsed, f"qemu exit code {proc.returncode}: {last_line(err)}"
+        console = (work / "console").read_bytes() if (work / "console").exists() else b""
+        return False, elapsed, f"no SUCCESS (result {first!r}; console: {last_line(console)})"
+
+
+def check(settings):
+    release = current_release(settings.helper_dir)
+    manifest = read_manifest(release)
+    step(f"check: booting release {release.name} ({manifest.get('kernel_format')}, "
+         f"{'snf_image_check_helper' if manifest.get('check_flag') else 'fallback boot-check init'})")
+    candidates = []
+    if settings.accel in ("auto", "kvm"):
+        if kvm_usable():
+            candidates.append(("kvm", 5.0 if settings.accel == "auto" else settings.check_timeout))
+        elif settings.accel == "kvm":
+            raise HelperError("/dev/kvm is not usable")
+    if settings.accel in ("auto", "tcg"):
+        candidates.append(("tcg", settings.check_timeout))
+    working = None
+    for accel, timeout in candidates:
+        ok, seconds, reason = boot_once(settings, release, accel, timeout)
+        step(f"check: {accel}: {'boots' if ok else 'FAILED'} in {seconds:.1f} s ({reason})")
+        if ok and working is None:
+            working = (accel, seconds)
+            break
+    if working is None:
+        raise HelperError("the helper did not boot with any accelerator")
+    print(f"helper {release.name}: accelerator {working[0]} works, boot to SUCCESS took {working[1]:.1f} s")
+    return working
+
+
+# ---------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------
+
+
+def main(argv=None):
+    args = build_arg_parser().parse_args(argv)
+    try:
+        settings = load_settings(args)
+        if args.import_file and args.export:
+            raise HelperError("--import and --export exclude each other")
+        if args.import_file:
+            import_release(settings, args.import_file)
+        elif args.export:
+            export_release(settings, args.export)
+        elif args.build or not args.check:
+            build(settings)
+        if args.check:
+            check(settings)
+    except HelperError as err:
+        print(f"Error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("Error: interrupted", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""End-to-end tests of snf-image-update-helper.py: the real builder (multistrap
+from the Debian mirror, cached under SNF_IMAGE_TEST_CACHE) builds the helper,
+its artifacts are inspected without mounting, and `--check` boots it under
+qemu (TCG here: KVM guests hang on this machine)."""
+
+import gzip
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, load_script, require_programs
+from helpervm import built_helper_dir, helper_vm_dir  # noqa: F401  (fixture)
+
+builder = load_script("snf-image-update-helper.py")
+
+pytestmark = [pytest.mark.root, pytest.mark.slow]
+
+
+def debugfs(image, command):
+    return subprocess.run(["debugfs", "-R", command, str(image)], capture_output=True,
+                          text=True, check=True).stdout
+
+
+def test_release_layout_and_manifest(helper_vm_dir):
+    current = helper_vm_dir / "current"
+    assert current.is_symlink()
+    release = current.resolve()
+    assert release.parent == helper_vm_dir / "releases"
+    for name in ("kernel", "initrd", "image"):
+        assert (helper_vm_dir / name).resolve() == release / name
+    manifest = json.loads((release / "manifest.json").read_text())
+    assert manifest["build_id"] == release.name
+    assert manifest["suite"] == "trixie"
+    assert manifest["snf_image_version"] == builder.SNF_IMAGE_VERSION
+    assert len(manifest["inputs_hash"]) == 64
+    for name, digest in manifest["files"].items():
+        assert builder.sha256_file(release / name) == digest
+    packages = manifest["packages"]
+    for needed in ("python3", "util-linux", "e2fsprogs", "fdisk", "gdisk", "parted", "dosfstools",
+                   "xfsprogs", "btrfs-progs", "ntfs-3g", "libhivex-bin", "kmod", "busybox-static"):
+        assert needed in packages, needed
+    assert "perl" not in packages and "usrmerge" not in packages
+    assert f"linux-image-{manifest['kernel_version']}" in packages
+
+
+def test_kernel_is_pvh_vmlinux(helper_vm_dir):
+    release = (helper_vm_dir / "current").resolve()
+    manifest = json.loads((release / "manifest.json").read_text())
+    kernel = (release / "kernel").read_bytes()
+    assert manifest["kernel_format"] == "vmlinux-pvh"
+    assert kernel[:4] == b"\x7fELF" and builder.elf_has_pvh_note(kernel)
+    assert (release / "vmlinuz").read_bytes()[0x202:0x206] == b"HdrS"
+
+
+def test_initrd_unpacks_with_cpio(helper_vm_dir, tmp_path):
+    require_programs("cpio")
+    release = (helper_vm_dir / "current").resolve()
+    raw = gzip.decompress((release / "initrd").read_bytes())
+    listing = subprocess.run(["cpio", "-t", "--quiet"], input=raw, capture_output=True,
+                             check=True).stdout.decode().split()
+    for name in ("init", "bin/busybox", "lib/modules/virtio_blk.ko", "lib/modules/ext4.ko",
+                 "lib/modules/floppy.ko", "lib/modules/load-order", "dev/console"):
+        assert name in listing, name
+    subprocess.run(["cpio", "-i", "-d", "--quiet", "bin/busybox", "lib/modules/*"], input=raw,
+                   cwd=tmp_path, check=True)
+    order = (tmp_path / "lib/modules/load-order").read_text().split()
+    assert order.index("jbd2.ko") < order.index("ext4.ko")
+    for module in order:
+        assert (tmp_path / "lib/modules" / module).read_bytes()[:4] == b"\x7fELF"
+    busybox = subprocess.run(["file", str(tmp_path / "bin/busybox")], capture_output=True, text=True)
+    assert "statically linked" in busybox.stdout
+
+
+def test_root_image_is_ext4_without_journal_and_holds_the_helper(helper_vm_dir):
+    require_programs("debugfs")
+    release = (helper_vm_dir / "current").resolve()
+    image = release / "image"
+    with open(image, "rb") as stream:
+        superblock = stream.read(2048)[1024:]
+    assert struct.unpack_from("<H", superblock, 56)[0] == 0xEF53
+    compat = struct.unpack_from("<I", superblock, 92)[0]
+    assert not compat & 0x4, "has_journal must be off"
+    listing = debugfs(image, "ls -l /usr/lib/snf-image-helper")
+    assert "snf_image_helper.py" in listing and "tasks" in listing
+    link = debugfs(image, "stat /usr/bin/snf-image-helper")
+    assert "Type: symlink" in link and "snf_image_helper.py" in link
+    tasks = debugfs(image, "ls /usr/lib/snf-image-helper/tasks")
+    for task in sorted(p.name for p in (REPO / "tasks.d").iterdir() if p.is_file()):
+        assert task in tasks
+    manifest = json.loads((release / "manifest.json").read_text())
+    modules = debugfs(image, f"ls /usr/lib/modules/{manifest['kernel_version']}/kernel/fs")
+    for fs in ("xfs", "btrfs", "ext4"):
+        assert fs in modules
+    dep = debugfs(image, f"cat /usr/lib/modules/{manifest['kernel_version']}/modules.dep")
+    assert "kernel/fs/xfs/xfs.ko" in dep
+    assert "perl" not in debugfs(image, "ls /usr/bin").split()
+    assert "locale" not in debugfs(image, "ls /usr/share").split()
+
+
+def test_other_task_set_reuses_the_root_stage(helper_vm_dir, tmp_path):
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "50RecordEnvironment").write_text("#!/bin/sh\nenv > /dev/null\n")
+    (tasks / "50RecordEnvironment").chmod(0o755)
+    other = built_helper_dir(tasks_dir=tasks)
+    assert other != helper_vm_dir
+    first = json.loads(((helper_vm_dir / "current").resolve() / "manifest.json").read_text())
+    second = json.loads(((other / "current").resolve() / "manifest.json").read_text())
+    assert first["root_stage"] == second["root_stage"]
+    assert second["tasks"] == ["50RecordEnvironment"]
+    assert "50RecordEnvironment" in debugfs((other / "current" / "image").resolve(),
+                                            "ls -l /usr/lib/snf-image-helper/tasks")
+
+
+@pytest.mark.qemu
+def test_check_boots_the_helper_under_tcg(helper_vm_dir):
+    require_programs("qemu-system-x86_64")
+    proc = subprocess.run([sys.executable, str(REPO / "snf-image-update-helper.py"),
+                           "--helper-dir", str(helper_vm_dir), "--check", "--accel", "auto"],
+                          capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, SNF_IMAGE_CONFIG="/dev/null"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "accelerator tcg works" in proc.stdout or "accelerator kvm works" in proc.stdout
+
+
+@pytest.mark.qemu
+def test_rebuild_switches_current_and_keeps_previous(tmp_path, helper_vm_dir):
+    """A second build into the same HELPER_DIR replaces `current` atomically,
+    keeps the previous release, and the new release boots."""
+    require_programs("qemu-system-x86_64")
+    helper_dir = tmp_path / "hd"
+    cache = Path(os.environ.get("SNF_IMAGE_TEST_CACHE", "/var/cache/snf-image-tests")) / "helper-root-cache"
+    argv = [sys.executable, str(REPO / "snf-image-update-helper.py"), "--helper-dir", str(helper_dir),
+            "--cache-dir", str(cache)]
+    env = dict(os.environ, SNF_IMAGE_CONFIG="/dev/null")
+    for _ in range(2):
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=1800, env=env)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "root stage: cached" in proc.stdout
+    releases = sorted(p.name for p in (helper_dir / "releases").iterdir())
+    assert len(releases) == 2
+    assert os.readlink(helper_dir / "current") == f"releases/{releases[-1]}"
+    proc = subprocess.run(argv + ["--check", "--accel", "tcg"], capture_output=True, text=True,
+                          timeout=1800, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert len(list((helper_dir / "releases").iterdir())) == 2

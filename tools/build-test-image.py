@@ -1,0 +1,539 @@
+#!/usr/bin/env python3
+"""Build a small, real, bootable Debian disk image for snf-image's tests.
+
+snf-image deploys OS images (image source -> O_DIRECT copy -> helper VM ->
+tasks -> SUCCESS). To prove the tasks right, the tests deploy a real Debian
+image and then BOOT the result; this tool makes such an image:
+
+  Debian (default suite bookworm, the mirror of the host's own APT sources)
+  -> mmdebstrap rootfs tarball (cached, keyed by suite, mirror and packages)
+  -> raw disk image with one of the layouts below, extlinux in the MBR.
+
+Layouts:
+  mbr            MBR, one ext4 root (bootable flag), extlinux, ifupdown + DHCP
+  gpt            GPT: /boot (ext4, legacy-BIOS-bootable), swap, root LAST;
+                 fstab by UUID, systemd-networkd
+  mbr-cloudinit  as mbr, with cloud-init installed (NoCloud seed expected)
+
+Every image carries `snf-test-report.service`: once the boot has finished
+(after network-online.target), it writes the guest's own state as JSON lines
+between `==SNF-REPORT-BEGIN==` and `==SNF-REPORT-END==` to the second serial
+port (ttyS1; the console if there is none) and powers the guest off.
+Each JSON line is {"key": ..., "rc": exit status, "b64": base64 of the output}.
+
+Run as root (loop devices, mounts, chroot). The output is written atomically.
+"""
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+# Bump when the rootfs tarball recipe changes in a way the package list does not show.
+ROOTFS_VERSION = "1"
+DEFAULT_SUITE = "bookworm"
+APT_SOURCES = Path("/etc/apt/sources.list.d/debian.sources")
+LEGACY_APT_SOURCES = Path("/etc/apt/sources.list")
+SYSLINUX_MBR_DIR = Path("/usr/lib/syslinux/mbr")
+MIB = 1024 * 1024
+SECTOR = 512
+
+PROGRAMS = {name: os.environ.get(name.upper().replace("-", "_"), name) for name in (
+    "mmdebstrap", "sfdisk", "sgdisk", "mkfs.ext4", "mkswap", "losetup", "mount",
+    "umount", "extlinux", "chroot", "tar", "e2fsck", "sync")}
+
+BASE_PACKAGES = [
+    "systemd-sysv", "udev", "dbus", "linux-image-cloud-amd64", "initramfs-tools",
+    "openssh-server", "iproute2", "ifupdown", "isc-dhcp-client", "netbase", "kmod",
+    "e2fsprogs", "procps",
+]
+# Package that the gpt layout removes to be a systemd-networkd-only image.
+IFUPDOWN_PACKAGES = ["ifupdown", "isc-dhcp-client", "isc-dhcp-common"]
+
+LAYOUTS = {
+    "mbr": {"table": "dos", "network": "ifupdown", "cloud_init": False},
+    "gpt": {"table": "gpt", "network": "networkd", "cloud_init": False},
+    "mbr-cloudinit": {"table": "dos", "network": "ifupdown", "cloud_init": True},
+}
+
+# GPT layout sizes (MiB); the root partition takes the rest, and comes last.
+GPT_BOOT_MIB = 192
+GPT_SWAP_MIB = 64
+
+IMAGE_HOSTNAME = "snf-test-image"
+IMAGE_USER = "debian"
+REPORT_BEGIN = "==SNF-REPORT-BEGIN=="
+REPORT_END = "==SNF-REPORT-END=="
+STAMP_PATH = "etc/snf-test-image/built"
+
+REPORT_SCRIPT = r"""#!/bin/sh
+# snf-test-report: print this guest's state for snf-image's end-to-end tests,
+# as JSON lines {"key","rc","b64"} between markers, then power off.
+PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+export LC_ALL=C
+STAMP=/etc/snf-test-image/built
+TMP=$(mktemp)
+
+# Wait for the boot to finish (this unit is Type=simple, so it is not part of
+# the job queue it waits for); cloud-init's stages are part of the boot.
+timeout 400 systemctl is-system-running --wait >/dev/null 2>&1
+
+OUT=/dev/console
+if stty -F /dev/ttyS1 raw -echo 2>/dev/null && printf '\n' > /dev/ttyS1 2>/dev/null; then
+    OUT=/dev/ttyS1
+fi
+
+item() {
+    key=$1; shift
+    "$@" > "$TMP" 2>&1
+    rc=$?
+    printf '{"key":"%s","rc":%d,"b64":"%s"}\n' "$key" "$rc" "$(base64 -w0 < "$TMP")"
+}
+
+changed_files() {
+    # Everything created or changed (ctime) after the image was built, on the
+    # root filesystem: what the deployment (and the boot) changed.
+    find / -xdev \( -path /proc -o -path /sys -o -path /dev -o -path /run \
+        -o -path /tmp -o -path /var/tmp -o -path /var/log -o -path /var/cache \
+        -o -path /var/lib/systemd -o -path /var/lib/dhcp \) -prune \
+        -o -cnewer "$STAMP" \( -type f -o -type d -o -type l \) \
+        -printf '%y\t%u\t%g\t%m\t%s\t%p\n' |
+    while IFS="$(printf '\t')" read -r type user group mode size path; do
+        sum=-
+        [ "$type" = f ] && sum=$(sha256sum < "$path" | cut -d' ' -f1)
+        printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$type" "$user" "$group" "$mode" "$size" "$sum" "$path"
+    done
+}
+
+report() {
+    item os_release cat /etc/os-release
+    item uname uname -r
+    item cmdline cat /proc/cmdline
+    item uptime cat /proc/uptime
+    item system_state systemctl is-system-running
+    item failed_units systemctl --failed --plain --no-legend --no-pager
+    item hostname hostname
+    item etc_hostname cat /etc/hostname
+    item etc_hosts cat /etc/hosts
+    item passwd cat /etc/passwd
+    item shadow cat /etc/shadow
+    getent passwd | while IFS=: read -r name _ uid _ _ home _; do
+        [ "$uid" -eq 0 ] || [ "$uid" -ge 1000 -a "$uid" -lt 60000 ] || continue
+        item "ssh_dir_stat:$name" stat -c '%U %G %a' "$home/.ssh"
+        item "authorized_keys_stat:$name" stat -c '%U %G %a' "$home/.ssh/authorized_keys"
+        item "authorized_keys:$name" cat "$home/.ssh/authorized_keys"
+    done
+    for f in /etc/network/interfaces /etc/network/interfaces.d/* \
+             /etc/systemd/network/* /etc/netplan/* \
+             /etc/NetworkManager/system-connections/* \
+             /etc/sysconfig/network /etc/sysconfig/network-scripts/ifcfg-*; do
+        [ -f "$f" ] && item "file:$f" cat "$f"
+    done
+    item ip_addr ip -j addr
+    item ip_route ip -j route
+    item ip_route6 ip -j -6 route
+    item resolv_conf cat /etc/resolv.conf
+    for f in /etc/ssh/ssh_host_*_key.pub; do
+        [ -f "$f" ] && item "ssh_host_key:$f" ssh-keygen -lf "$f"
+    done
+    item machine_id cat /etc/machine-id
+    item dbus_machine_id cat /var/lib/dbus/machine-id
+    item df_root df -B1 --output=source,fstype,size,used,avail,target /
+    mountpoint -q /boot && item df_boot df -B1 --output=source,fstype,size,used,avail,target /boot
+    item lsblk lsblk -J -b -o NAME,SIZE,TYPE,FSTYPE,UUID,PARTUUID,MOUNTPOINT
+    item fstab cat /etc/fstab
+    item swaps swapon --show --bytes --raw --noheadings
+    item changed_files changed_files
+    if command -v cloud-init >/dev/null; then
+        item cloud_init_status cloud-init status --long
+        item cloud_init_result cat /run/cloud-init/result.json
+    fi
+    item journal_warnings sh -c 'journalctl -b -p warning --no-pager -o short-monotonic | tail -n 300'
+}
+
+{
+    echo "==SNF-REPORT-BEGIN=="
+    report
+    echo "==SNF-REPORT-END=="
+} > "$OUT" 2>/dev/null
+rm -f "$TMP"
+sync
+systemctl --no-block poweroff
+"""
+
+REPORT_UNIT = """[Unit]
+Description=snf-image test report on the serial port, then power off
+Wants=network-online.target
+After=network-online.target cloud-final.service
+
+[Service]
+Type=simple
+ExecStart=/usr/local/sbin/snf-test-report
+StandardOutput=journal+console
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+class BuildError(Exception):
+    """An expected failure; main() prints it as one line."""
+
+
+def log(message):
+    print(f"build-test-image: {message}", file=sys.stderr, flush=True)
+
+
+def run(argv, **kwargs):
+    argv = [PROGRAMS.get(argv[0], argv[0]), *argv[1:]]
+    try:
+        return subprocess.run(argv, check=True, **kwargs)
+    except FileNotFoundError as error:
+        raise BuildError(f"program not found: {argv[0]}") from error
+    except subprocess.CalledProcessError as error:
+        raise BuildError(f"{' '.join(map(str, argv[:3]))} ... failed with exit status "
+                         f"{error.returncode}") from error
+
+
+def output_of(argv):
+    return run(argv, stdout=subprocess.PIPE, text=True).stdout
+
+
+# --------------------------------------------------------------- settings
+
+def host_debian_mirror(suite):
+    """The URI of the host's own APT sources for Debian (never hard-coded)."""
+    uris = []
+    if APT_SOURCES.exists():
+        for stanza in re.split(r"\n\s*\n", APT_SOURCES.read_text()):
+            fields = dict(re.findall(r"^([A-Za-z-]+):\s*(.*)$", stanza, re.M))
+            for uri in fields.get("URIs", "").split():
+                if "security" not in uri:
+                    uris.append(uri)
+    if not uris and LEGACY_APT_SOURCES.exists():
+        for line in LEGACY_APT_SOURCES.read_text().splitlines():
+            words = line.split()
+            if len(words) >= 3 and words[0] == "deb" and "security" not in words[1]:
+                uris.append(words[1] if not words[1].startswith("[") else words[2])
+    if not uris:
+        raise BuildError(f"no Debian mirror found in {APT_SOURCES} for suite {suite}")
+    return uris[0]
+
+
+def recipe_for(layout, suite, mirror, size_mib):
+    if layout not in LAYOUTS:
+        raise BuildError(f"unknown layout {layout!r} (known: {', '.join(LAYOUTS)})")
+    packages = list(BASE_PACKAGES)
+    if LAYOUTS[layout]["cloud_init"]:
+        packages.append("cloud-init")
+    return {"tool_source": short_hash(Path(__file__).read_text()), "layout": layout, "suite": suite,
+            "mirror": mirror, "size_mib": size_mib, "packages": sorted(packages),
+            "report_script": REPORT_SCRIPT, "report_unit": REPORT_UNIT,
+            **LAYOUTS[layout]}
+
+
+def short_hash(data):
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------- resources
+
+@contextlib.contextmanager
+def loop_device(image, offset, size):
+    device = output_of(["losetup", "--find", "--show", "--offset", str(offset),
+                        "--sizelimit", str(size), str(image)]).strip()
+    try:
+        yield device
+    finally:
+        subprocess.run([PROGRAMS["losetup"], "-d", device], check=False)
+
+
+@contextlib.contextmanager
+def mount_point():
+    """An empty directory to mount on; removed with rmdir only, so that a
+    file system still mounted there is never deleted recursively."""
+    path = Path(tempfile.mkdtemp(prefix="snf-test-image-"))
+    try:
+        yield path
+    finally:
+        with contextlib.suppress(OSError):
+            path.rmdir()
+
+
+@contextlib.contextmanager
+def mounted(device, mountpoint):
+    run(["mount", device, str(mountpoint)])
+    try:
+        yield Path(mountpoint)
+    finally:
+        subprocess.run([PROGRAMS["sync"]], check=False)
+        for attempt in range(5):
+            if subprocess.run([PROGRAMS["umount"], str(mountpoint)]).returncode == 0:
+                break
+            time.sleep(1)
+
+
+@contextlib.contextmanager
+def chroot_mounts(root):
+    """/proc, /sys and /dev inside the image root for chroot commands."""
+    done = []
+    try:
+        for fstype, source, target in (("proc", "proc", "proc"), ("sysfs", "sys", "sys")):
+            run(["mount", "-t", fstype, source, str(root / target)])
+            done.append(root / target)
+        run(["mount", "--bind", "/dev", str(root / "dev")])
+        done.append(root / "dev")
+        yield root
+    finally:
+        for path in reversed(done):
+            subprocess.run([PROGRAMS["umount"], "-l", str(path)], check=False)
+
+
+# --------------------------------------------------------------- rootfs
+
+def build_rootfs_tarball(recipe, cache_dir):
+    """The mmdebstrap tarball, cached by suite, mirror and package list."""
+    key = short_hash({k: recipe[k] for k in ("suite", "mirror", "packages")}
+                     | {"rootfs_version": ROOTFS_VERSION})
+    tarball = cache_dir / f"rootfs-{recipe['suite']}-{key}.tar"
+    if tarball.exists():
+        log(f"using cached rootfs {tarball}")
+        return tarball
+    debs = cache_dir / "debs"
+    debs.mkdir(parents=True, exist_ok=True)
+    log(f"mmdebstrap {recipe['suite']} from {recipe['mirror']}: {' '.join(recipe['packages'])}")
+    with tempfile.TemporaryDirectory(dir=cache_dir) as scratch:
+        overlay = Path(scratch) / "overlay"
+        (overlay / "etc/initramfs-tools/conf.d").mkdir(parents=True)
+        (overlay / "var/cache/apt/archives").mkdir(parents=True)
+        # The swap partition must not be waited for as a resume device.
+        (overlay / "etc/initramfs-tools/conf.d/resume").write_text("RESUME=none\n")
+        partial = Path(scratch) / "rootfs.tar"
+        run(["mmdebstrap", "--variant=minbase", "--mode=root", "--format=tar",
+             "--include=" + ",".join(recipe["packages"]),
+             "--aptopt=Acquire::Languages \"none\"",
+             "--dpkgopt=path-exclude=/usr/share/doc/*",
+             "--dpkgopt=path-include=/usr/share/doc/*/copyright",
+             "--dpkgopt=path-exclude=/usr/share/man/*",
+             "--dpkgopt=path-exclude=/usr/share/info/*",
+             "--dpkgopt=path-exclude=/usr/share/locale/*",
+             "--skip=essential/unlink",
+             f"--setup-hook=sync-in {overlay} /",
+             f"--setup-hook=sync-in {debs} /var/cache/apt/archives/",
+             f"--customize-hook=sync-out /var/cache/apt/archives {debs}",
+             recipe["suite"], str(partial), recipe["mirror"]])
+        os.replace(partial, tarball)
+    return tarball
+
+
+# --------------------------------------------------------------- partitions
+
+def write_partition_table(image, table):
+    """Partition the image; returns the syslinux MBR boot code to install."""
+    if table == "dos":
+        run(["sfdisk", "--quiet", str(image)],
+            input="label: dos\nstart=2048, type=83, bootable\n", text=True)
+        return SYSLINUX_MBR_DIR / "mbr.bin"
+    # Separate sgdisk invocations: `-q` together with `--clear` wrote no table.
+    run(["sgdisk", "--clear", str(image)], stdout=subprocess.DEVNULL)
+    run(["sgdisk", f"--new=1:2048:+{GPT_BOOT_MIB}M", "--typecode=1:8300",
+         "--change-name=1:boot", "--attributes=1:set:2", str(image)], stdout=subprocess.DEVNULL)
+    run(["sgdisk", f"--new=2:0:+{GPT_SWAP_MIB}M", "--typecode=2:8200",
+         "--change-name=2:swap", str(image)], stdout=subprocess.DEVNULL)
+    run(["sgdisk", "--new=3:0:0", "--typecode=3:8300", "--change-name=3:root", str(image)],
+        stdout=subprocess.DEVNULL)
+    return SYSLINUX_MBR_DIR / "gptmbr.bin"
+
+
+def partitions(image):
+    table = json.loads(output_of(["sfdisk", "--json", str(image)]))["partitiontable"]
+    return [(p["start"] * SECTOR, p["size"] * SECTOR) for p in table["partitions"]]
+
+
+def install_boot_code(image, boot_code):
+    code = boot_code.read_bytes()[:440]
+    with open(image, "r+b") as disk:
+        disk.write(code)
+
+
+# --------------------------------------------------------------- customizing
+
+def write(root, relative, text, mode=0o644):
+    path = root / relative
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    path.chmod(mode)
+
+
+def customize(root, recipe, uuids):
+    layout_is_gpt = recipe["table"] == "gpt"
+    fstab = [f"UUID={uuids['root']}\t/\text4\terrors=remount-ro\t0\t1"]
+    if layout_is_gpt:
+        fstab.append(f"UUID={uuids['boot']}\t/boot\text4\tdefaults\t0\t2")
+        fstab.append(f"UUID={uuids['swap']}\tnone\tswap\tsw\t0\t0")
+    write(root, "etc/fstab", "# /etc/fstab: static file system information.\n"
+          + "\n".join(fstab) + "\n")
+    write(root, "etc/hostname", IMAGE_HOSTNAME + "\n")
+    write(root, "etc/hosts", f"127.0.0.1\tlocalhost\n127.0.1.1\t{IMAGE_HOSTNAME}\n\n"
+          "::1\tlocalhost ip6-localhost ip6-loopback\nff02::1\tip6-allnodes\n"
+          "ff02::2\tip6-allrouters\n")
+    # A fixed machine-id, as in an image that was not cleaned: ChangeMachineId
+    # must replace it.
+    write(root, "etc/machine-id", uuid.uuid4().hex + "\n", 0o444)
+    dbus_machine_id = root / "var/lib/dbus/machine-id"
+    if not dbus_machine_id.exists() and not dbus_machine_id.is_symlink():
+        dbus_machine_id.parent.mkdir(parents=True, exist_ok=True)
+        dbus_machine_id.symlink_to("/etc/machine-id")
+    write(root, "etc/resolv.conf", "")
+
+    with chroot_mounts(root):
+        run(["chroot", str(root), "useradd", "--create-home", "--uid", "1000",
+             "--shell", "/bin/bash", "--comment", "Debian", IMAGE_USER])
+        if recipe["network"] == "networkd":
+            run(["chroot", str(root), "dpkg", "--purge", *IFUPDOWN_PACKAGES],
+                stdout=subprocess.DEVNULL)
+            # ifupdown's postinst wrote /etc/network/interfaces; purging keeps it.
+            shutil.rmtree(root / "etc/network", ignore_errors=True)
+        # No timers that go to the network or eat CPU during the short test boots.
+        for unit in ("apt-daily.timer", "apt-daily-upgrade.timer"):
+            (root / "etc/systemd/system" / unit).unlink(missing_ok=True)
+            (root / "etc/systemd/system" / unit).symlink_to("/dev/null")
+
+    if recipe["network"] == "ifupdown":
+        write(root, "etc/network/interfaces",
+              "# The loopback network interface\nauto lo\niface lo inet loopback\n\n"
+              "source /etc/network/interfaces.d/*\n\n"
+              "# The primary network interface\nallow-hotplug ens3\niface ens3 inet dhcp\n")
+    else:
+        write(root, "etc/systemd/network/50-dhcp.network",
+              "[Match]\nName=en*\n\n[Network]\nDHCP=yes\n")
+        wants = root / "etc/systemd/system/multi-user.target.wants"
+        wants.mkdir(parents=True, exist_ok=True)
+        (wants / "systemd-networkd.service").symlink_to(
+            "/lib/systemd/system/systemd-networkd.service")
+        online = root / "etc/systemd/system/network-online.target.wants"
+        online.mkdir(parents=True, exist_ok=True)
+        (online / "systemd-networkd-wait-online.service").symlink_to(
+            "/lib/systemd/system/systemd-networkd-wait-online.service")
+        # Only the links that have a configuration count: do not wait 2 min for a
+        # NIC that the deployment left unconfigured.
+        write(root, "etc/systemd/system/systemd-networkd-wait-online.service.d/any.conf",
+              "[Service]\nExecStart=\nExecStart=/lib/systemd/systemd-networkd-wait-online"
+              " --any --timeout=90\n")
+
+    write(root, "usr/local/sbin/snf-test-report", REPORT_SCRIPT, 0o755)
+    write(root, "etc/systemd/system/snf-test-report.service", REPORT_UNIT)
+    wants = root / "etc/systemd/system/multi-user.target.wants"
+    wants.mkdir(parents=True, exist_ok=True)
+    (wants / "snf-test-report.service").symlink_to("/etc/systemd/system/snf-test-report.service")
+
+    boot = root / "boot"
+    kernels = sorted(boot.glob("vmlinuz-*"))
+    if len(kernels) != 1:
+        raise BuildError(f"expected one kernel in /boot, found {len(kernels)}")
+    version = kernels[0].name.removeprefix("vmlinuz-")
+    if not (boot / f"initrd.img-{version}").exists():
+        raise BuildError(f"no initrd for kernel {version}")
+    prefix = "/" if layout_is_gpt else "/boot/"
+    write(root, "boot/extlinux/extlinux.conf",
+          "DEFAULT debian\nTIMEOUT 1\nPROMPT 0\nSERIAL 0 115200\n\n"
+          f"LABEL debian\n  LINUX {prefix}vmlinuz-{version}\n"
+          f"  INITRD {prefix}initrd.img-{version}\n"
+          f"  APPEND root=UUID={uuids['root']} ro console=tty0 console=ttyS0,115200n8\n")
+    run(["extlinux", "--install", str(boot / "extlinux")], stdout=subprocess.DEVNULL)
+    # Written last: the guest's report lists what changed after this moment.
+    time.sleep(1.1)
+    write(root, STAMP_PATH, json.dumps({"layout": recipe["layout"], "suite": recipe["suite"],
+                                        "kernel": version}) + "\n")
+
+
+# --------------------------------------------------------------- image
+
+def build_image(recipe, output, cache_dir):
+    tarball = build_rootfs_tarball(recipe, cache_dir)
+    partial = output.with_name(output.name + ".partial")
+    partial.unlink(missing_ok=True)
+    with open(partial, "wb") as disk:
+        disk.truncate(recipe["size_mib"] * MIB)
+    try:
+        boot_code = write_partition_table(partial, recipe["table"])
+        install_boot_code(partial, boot_code)
+        parts = partitions(partial)
+        uuids = {name: str(uuid.uuid4()) for name in ("root", "boot", "swap")}
+        if recipe["table"] == "gpt":
+            boot_part, swap_part, root_part = parts
+        else:
+            (root_part,), boot_part, swap_part = parts, None, None
+        with mount_point() as mnt, contextlib.ExitStack() as stack:
+            root_dev = stack.enter_context(loop_device(partial, *root_part))
+            run(["mkfs.ext4", "-q", "-L", "root", "-U", uuids["root"], root_dev])
+            root = stack.enter_context(mounted(root_dev, mnt))
+            if boot_part:
+                boot_dev = stack.enter_context(loop_device(partial, *boot_part))
+                run(["mkfs.ext4", "-q", "-L", "boot", "-U", uuids["boot"], boot_dev])
+                (root / "boot").mkdir()
+                stack.enter_context(mounted(boot_dev, root / "boot"))
+                swap_dev = stack.enter_context(loop_device(partial, *swap_part))
+                run(["mkswap", "-U", uuids["swap"], "-L", "swap", swap_dev],
+                    stdout=subprocess.DEVNULL)
+            log(f"extracting {tarball.name}")
+            run(["tar", "--extract", "--numeric-owner", "--xattrs", "--xattrs-include=*",
+                 "--acls", "--file", str(tarball), "--directory", str(root)])
+            customize(root, recipe, uuids)
+        for part in [root_part] + ([boot_part] if boot_part else []):
+            with loop_device(partial, *part) as device:
+                run(["e2fsck", "-fn", device], stdout=subprocess.DEVNULL)
+        os.replace(partial, output)
+    finally:
+        partial.unlink(missing_ok=True)
+    log(f"built {output} ({recipe['layout']}, {recipe['suite']})")
+
+
+# --------------------------------------------------------------- main
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layout", choices=sorted(LAYOUTS), required=True)
+    parser.add_argument("--output", type=Path, help="the image file to write")
+    parser.add_argument("--suite", default=DEFAULT_SUITE)
+    parser.add_argument("--mirror", help="Debian mirror URI (default: the host's APT sources)")
+    parser.add_argument("--size-mib", type=int, default=1024)
+    parser.add_argument("--cache-dir", type=Path, default=Path("/var/cache/snf-image-tests/images"),
+                        help="where rootfs tarballs and downloaded packages are kept")
+    parser.add_argument("--print-recipe-hash", action="store_true",
+                        help="print the hash that identifies this image's recipe and exit")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        mirror = args.mirror or host_debian_mirror(args.suite)
+        recipe = recipe_for(args.layout, args.suite, mirror, args.size_mib)
+        if args.print_recipe_hash:
+            print(short_hash(recipe))
+            return 0
+        if args.output is None:
+            raise BuildError("--output is required")
+        if os.geteuid() != 0:
+            raise BuildError("must run as root (loop devices, mounts, chroot)")
+        args.cache_dir.mkdir(parents=True, exist_ok=True)
+        build_image(recipe, args.output.resolve(), args.cache_dir)
+    except BuildError as error:
+        print(f"build-test-image: error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
