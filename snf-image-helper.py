@@ -25,21 +25,17 @@ target, base_distro, read_partition_table, mounted_under, umount_all.
 Standard library only; runs on the helper's python3 (3.11 to 3.13).
 """
 
-import ctypes
-import errno
 import json
 import os
 import re
-import selectors
-import shutil
 import signal
 import stat
 import subprocess
 import sys
-import tempfile
 import time
-import tty
-from datetime import datetime, timezone
+
+# ctypes, selectors, tempfile, tty and termios are imported where they are
+# used: every task imports this module, and under TCG each import costs.
 
 # --------------------------------------------------------------------------
 # Constants
@@ -567,6 +563,7 @@ def windows_nt_major(root):
 
 def load_modules(*names):
     """modprobe what is missing; a failure is only a warning (the module may be built in)."""
+    names = [name for name in names if not os.path.isdir(f"/sys/module/{name}")]
     if names:
         result = run(["modprobe", "-q", "-a", *names], check=False)
         if result.returncode != 0:
@@ -606,6 +603,7 @@ def examine_partition(device, family, fstype, scratch_dir):
                     ["-t", "ntfs-3g", "-o", "ro"], ["-o", "ro"]]
     else:
         attempts = [["-o", "ro"]]
+    import tempfile
     mount_point = tempfile.mkdtemp(prefix="detect.", dir=scratch_dir)
     try:
         for options in attempts:
@@ -644,6 +642,7 @@ def open_port(path):
     """Open a serial port (or, in tests, a file or FIFO) for writing, raw."""
     fd = os.open(path, os.O_WRONLY | os.O_NOCTTY | os.O_APPEND)
     if os.isatty(fd):
+        import tty
         # Without raw mode, ONLCR would turn "SUCCESS\n" into "SUCCESS\r\n".
         tty.setraw(fd)
     return fd
@@ -660,7 +659,8 @@ def drain(fd):
 
 
 def timestamp():
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    now = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1e6):06d}Z"
 
 
 class Console:
@@ -860,6 +860,7 @@ class TaskRunner:
     def relay(self, argv, env, source):
         """Run `argv`, copying its stdout and stderr to the console with
         timestamps; keep the stderr tail and the last `ERROR: ` line."""
+        import selectors
         process = subprocess.Popen(argv, env=env, cwd="/", stdin=subprocess.DEVNULL,
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         tail, error_line = [], None
@@ -983,6 +984,9 @@ class Deployment:
             message = one_line(error)
             if not isinstance(error, TaskFailed):
                 self.send_progress_error(message)
+        except SystemExit as error:        # a library die() reached us: its message is on stderr
+            message = f"Internal error of the helper: a step exited with status {error.code}"
+            self.send_progress_error(message)
         except Exception as error:         # a bug: still report it as one line
             import traceback
             traceback.print_exc()
@@ -1011,6 +1015,7 @@ class Deployment:
             try:
                 action()
             except Exception as error:          # keep cleaning up
+                self.console.line(f"cleanup failed: {error}")
                 errors.append(error)
         if errors and report:
             raise HelperError(f"Cleanup failed: {errors[0]}")
@@ -1048,6 +1053,7 @@ class Deployment:
         runner.run_all()
 
     def read_floppy(self, rules_dev):
+        import tempfile
         wait_for_block_device(rules_dev)
         floppy_dir = tempfile.mkdtemp(prefix="rules.", dir=self.scratch_dir)
         self.cleanups.append(lambda: os.rmdir(floppy_dir))
@@ -1081,6 +1087,7 @@ class Deployment:
         env["RULES_DEV"] = rules_dev
         env["SNF_IMAGE_MONITOR"] = self.progress_port
         env["SNF_IMAGE_HELPER_LIB"] = LIB_DIR
+        import tempfile
         target_dir = tempfile.mkdtemp(prefix="target.", dir=self.scratch_dir)
         self.cleanups.append(lambda: os.rmdir(target_dir))
         self.cleanups.append(lambda: umount_all(target_dir))
@@ -1124,6 +1131,7 @@ class Deployment:
 # --------------------------------------------------------------------------
 
 def _libc():
+    import ctypes
     return ctypes.CDLL(None, use_errno=True)
 
 
@@ -1140,6 +1148,7 @@ def mount_kernel_filesystems():
             continue
         if libc.mount(source.encode(), mount_point.encode(), fstype.encode(),
                       flags, data.encode()) != 0:
+            import ctypes
             code = ctypes.get_errno()
             print(f"Warning: cannot mount {fstype} on {mount_point}: {os.strerror(code)}",
                   file=sys.stderr, flush=True)
@@ -1213,12 +1222,19 @@ def debug_shell():
     reap_until(pid)
 
 
+def uptime():
+    return (_read_text("/proc/uptime") or "?").split()[0]
+
+
 def run_worker():
     """The worker child: the deployment, isolated from PID 1."""
     code = WORKER_FAILED + 1
     try:
         signal.signal(signal.SIGINT, signal.SIG_DFL)
-        code = Deployment().main()
+        console = Console()
+        console.line(f"snf-image-helper started (uptime {uptime()} s)")
+        code = Deployment(console=console).main()
+        console.line(f"snf-image-helper finished (uptime {uptime()} s)")
     except BaseException:
         import traceback
         traceback.print_exc()

@@ -19,17 +19,13 @@ import sys
 if sys.version_info < (3, 11):
     sys.exit("ERROR: snf-image-host.py needs Python 3.11 or newer")
 
-import argparse
 import base64
 import binascii
-import bz2
 import errno
 import fcntl
-import gzip
 import hashlib
 import io
 import json
-import lzma
 import mmap
 import os
 import queue
@@ -45,10 +41,8 @@ import subprocess
 import tempfile
 import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from pathlib import Path
 
 # ---------------------------------------------------------------------------
@@ -75,9 +69,6 @@ MBR_BIN_CANDIDATES = ("/usr/lib/syslinux/mbr/mbr.bin", "/usr/lib/SYSLINUX/mbr.bi
 OS_PARAMETERS = ("img_id", "img_format", "img_passwd", "img_passwd_hash", "auth_keys",
                  "img_properties", "img_personality", "inst_properties", "config_url",
                  "os_product_key", "os_answer_file", "cloud_userdata")
-SECRET_PARAMETERS = frozenset({"img_passwd", "img_passwd_hash", "auth_keys", "img_personality",
-                               "os_product_key", "cloud_userdata", "inst_properties",
-                               "img_properties"})
 IMAGE_FORMATS = ("diskdump", "extdump", "ntfsdump")
 NIC_CONFIGS = ("", "dhcp", "dhcpv6", "slaac", "slaac_dhcp", "dhcp+dhcpv6", "dhcp+slaac",
                "dhcp+slaac_dhcp")
@@ -232,6 +223,7 @@ def redact_url(url):
 
 def open_url(url, timeout=60):
     """urlopen() that also understands http://user:password@host/ (Basic auth)."""
+    import urllib.request   # noqa: F401 (lazy: http.client and email cost start-up time)
     parts = urllib.parse.urlsplit(url)
     if parts.username is None or parts.scheme.lower() not in ("http", "https"):
         return urllib.request.urlopen(url, timeout=timeout)
@@ -357,16 +349,16 @@ SETTINGS = (
     Setting("COPY_BUFFER_SIZE", "4M", _check_buffer_size, "O_DIRECT copy buffer size"),
     Setting("COPY_OVERLAP", "yes", _check_yes_no, "read the next buffer while the previous one is written"),
     Setting("PROGRESS_INTERVAL", "3", parse_duration, "seconds between copy progress messages"),
+    Setting("TEMP_DIR", "/run/snf-image", _as_is, "private directory for the floppy and other temporary files"),
     Setting("MBR_BIN", "", _as_is, "boot code for filesystem dumps; empty: syslinux's mbr.bin"),
     Setting("XEN_SCRIPTS_DIR", "/etc/xen/scripts", _as_is, "unused (accepted for compatibility)"),
     Setting("XEN_CMD", "xl", _as_is, "unused (accepted for compatibility)"),
     Setting("MULTISTRAP_CONFIG", "/etc/snf-image/multistrap.conf", _as_is, "helper builder"),
     Setting("MULTISTRAP_APTPREFDIR", "/etc/snf-image/apt.pref.d", _as_is, "helper builder"),
     Setting("QEMU", "qemu-system-x86_64", _check_command, "qemu program"),
-    Setting("QEMU_IMG", "qemu-img", _check_command, "qemu-img program"),
+    Setting("QEMU_IMG", "qemu-img", _check_command, "qemu-img program (tools)"),
     Setting("MKFS_EXT2", "mkfs.ext2", _check_command, "mkfs.ext2 program (floppy)"),
     Setting("MULTISTRAP", "multistrap", _check_command, "multistrap program (builder)"),
-    Setting("LOSETUP", "losetup", _check_command, "losetup program"),
 )
 SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
 DEPRECATED_SETTINGS = {"VERSION_CHECK": "VERSION_CHECK is obsolete and ignored",
@@ -480,9 +472,6 @@ class Config:
             return self._values[name]
         except KeyError:
             raise AttributeError(name) from None
-
-    def items(self):
-        return self._values.items()
 
 
 def load_config(environ, variant=None):
@@ -900,7 +889,7 @@ class HelperProtocol:
         elif command == "STDERR":
             count, _, first = rest.partition(":")
             if not count.isdigit() or not 1 <= int(count) <= self.MAX_STDERR_LINES:
-                warn(f"helper progress port: malformed STDERR line ignored")
+                warn("helper progress port: malformed STDERR line ignored")
                 return
             self.stderr_lines = [first]
             self.stderr_left = int(count) - 1
@@ -1028,6 +1017,9 @@ def decompressing(reader, description):
     for magic, name in COMPRESSION_MAGIC:
         if head.startswith(magic) and (name != "bzip2" or head[3:4] in b"123456789"):
             log(f"{description}: {name}-compressed image, decompressing while copying")
+            import bz2
+            import gzip
+            import lzma
             buffered = io.BufferedReader(peek, buffer_size=MIB)
             opener = {"gzip": lambda f: gzip.GzipFile(fileobj=f, mode="rb"),
                       "xz": lambda f: lzma.LZMAFile(f),
@@ -1043,10 +1035,17 @@ class DecompressReader:
     def readinto(self, buffer):
         try:
             return self.stream.readinto(buffer)
-        except (OSError, EOFError, lzma.LZMAError, gzip.BadGzipFile) as exc:
-            if isinstance(exc, SnfError):
-                raise
+        except SnfError:
+            raise
+        except Exception as exc:      # OSError, EOFError, LZMAError, BadGzipFile...
             raise SnfError(f"{self.description}: corrupt {self.name} data: {exc}") from None
+
+
+def drain(reader):
+    """Read a stream to its end (trailing bytes after a compressed image are ignored)."""
+    scratch = memoryview(bytearray(65536))
+    while reader.readinto(scratch):
+        pass
 
 
 def fill_buffer(reader, view):
@@ -1469,14 +1468,16 @@ def _logical_block_size(fd):
 
 
 class CopyProgress:
-    def __init__(self, monitor, total, interval, label):
+    def __init__(self, monitor, total, interval, label, skip=0):
         self.monitor, self.total, self.interval, self.label = monitor, total, interval, label
+        self.skip = skip        # bytes written before the image (the synthesized MBR)
         self.started = self.last = time.monotonic()
 
     def update(self, position, final=False):
         now = time.monotonic()
         if not final and now - self.last < self.interval:
             return
+        position = max(0, position - self.skip)
         self.last = now
         total = self.total or 0
         percent = float("%2.2f" % (position * 100 / total)) if total else 0.0
@@ -1632,15 +1633,15 @@ def rewrite_first_sector(path, sector):
 # The floppy and the helper VM
 # ---------------------------------------------------------------------------
 
-def private_temp_dir():
-    """A 0700 directory under /run/snf-image (tmpfs-like, root only) or the system tmp."""
-    base = None
+def private_temp_dir(base=None):
+    """A 0700 directory for the floppy and friends, under TEMP_DIR (default
+    /run/snf-image: root only, gone at reboot), removed on every exit path."""
+    base = Path(base or RUN_DIR)
     try:
-        RUN_DIR.mkdir(mode=0o700, exist_ok=True)
-        base = str(RUN_DIR)
-    except OSError:
-        pass
-    return tempfile.TemporaryDirectory(prefix="deploy-", dir=base)
+        base.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SnfError(f"cannot create the temporary directory {base}: {exc.strerror}") from None
+    return tempfile.TemporaryDirectory(prefix="deploy-", dir=str(base))
 
 
 def helper_environment(environ, params, config, image_format, instance, answer_file_used):
@@ -1674,7 +1675,18 @@ def helper_environment(environ, params, config, image_format, instance, answer_f
     return env
 
 
-def fetch_answer_file(url):
+def fetch_answer_file(url, image_dir):
+    """os_answer_file: http(s)/ftp(s), or file:// limited to IMAGE_DIR (never any host file)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme.lower() == "file":
+        path = os.path.realpath(urllib.parse.unquote(parts.path))
+        root = os.path.realpath(image_dir).rstrip("/") + "/"
+        if not path.startswith(root):
+            raise SnfError("os_answer_file: file:// answer files must be inside IMAGE_DIR", 2)
+        try:
+            return Path(path).read_bytes()
+        except OSError as exc:
+            raise SnfError(f"cannot read os_answer_file {path}: {exc.strerror}") from None
     log("Downloading the answer file given in os_answer_file")
     try:
         with open_url(url) as response:
@@ -1714,7 +1726,7 @@ def make_floppy(workdir, config, rules, params):
                 raise SnfError(f"cannot read UNATTEND file {config.UNATTEND}: {exc.strerror}", 2) from None
             sysprep = default_answer_files(config.WINDOWS_TIMEZONE)[1]
         elif params.get("os_answer_file"):
-            unattend = fetch_answer_file(params["os_answer_file"])
+            unattend = fetch_answer_file(params["os_answer_file"], config.IMAGE_DIR)
             sysprep = None
         else:
             unattend, sysprep = default_answer_files(config.WINDOWS_TIMEZONE)
@@ -1820,6 +1832,16 @@ def probe_accelerator(qemu, accel, timeout=KVM_PROBE_TIMEOUT):
         return KVM_PROBE_MESSAGE in seen
 
 
+def supports_direct_io(path):
+    """False for files on file systems without O_DIRECT (tmpfs), where qemu's cache=none fails."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
+    except OSError as exc:
+        return exc.errno != errno.EINVAL
+    os.close(fd)
+    return True
+
+
 def helper_command(config, release, accel, disks, floppy, fds):
     append = ("console=ttyS0 panic=-1 quiet ro root=/dev/vda rootfstype=ext4 "
               "init=/usr/bin/snf-image-helper hypervisor=kvm snf_image_activate_helper rules_dev=/dev/fd0")
@@ -1836,8 +1858,9 @@ def helper_command(config, release, accel, disks, floppy, fds):
         "-device", "virtio-blk-pci,drive=helperroot,serial=snf-helper-root",
     ]
     for disk in disks:
+        cache = "none" if disk.path is None or supports_direct_io(disk.path) else "writeback"
         argv += ["-drive", f"file={qemu_drive_value(disk.target)},format=raw,if=none,id=disk{disk.index},"
-                           "cache=none,aio=threads",
+                           f"cache={cache},aio=threads",
                  "-device", f"virtio-blk-pci,drive=disk{disk.index},serial=snf-disk{disk.index}"]
     argv += ["-drive", f"file={qemu_drive_value(floppy)},if=floppy,format=raw,readonly=on"]
     for name in ("console", "result", "progress"):
@@ -1886,9 +1909,8 @@ class LineRelay:
             self.pending = b""
 
 
-def run_helper_vm(config, monitor, disks, floppy, workdir):
+def run_helper_vm(config, monitor, release, disks, floppy, workdir):
     """Boot the helper with the instance's disks and the floppy; raise unless SUCCESS."""
-    release = resolve_helper(config.HELPER_DIR)
     accel = choose_accelerator(config)
     monitor.info("Starting customization VM...")
     log(f"helper VM: {release}, accel {accel}, {config.HELPER_MEMORY} MiB, user {config.HELPER_USER}")
@@ -2053,7 +2075,13 @@ def deploy_image(config, monitor, environ, params, disks, instance, run_helper):
     boot_code = find_mbr_boot_code(config.MBR_BIN) if filesystem_dump else None
     if filesystem_dump and img_id == "null":
         raise SnfError("img_id null (keep the disk) works only with img_format diskdump", 2)
-    with private_temp_dir() as workdir:
+    release = None
+    if run_helper:      # fail before the disk is touched when the helper cannot run at all
+        release = resolve_helper(config.HELPER_DIR)
+        for program in (config.QEMU[0], config.MKFS_EXT2[0]):
+            if shutil.which(program) is None:
+                raise SnfError(f"program {program} not found (needed for the helper VM)")
+    with private_temp_dir(config.TEMP_DIR) as workdir:
         with open_image_source(config, img_id, image_format) as source:
             copy_image(config, monitor, source, disks[0], image_format, boot_code, filesystem_dump)
         if not run_helper:
@@ -2066,7 +2094,7 @@ def deploy_image(config, monitor, environ, params, disks, instance, run_helper):
             "disks": [f"snf-disk{disk.index}" for disk in disks],
         }
         floppy = make_floppy(workdir, config, rules, params)
-        run_helper_vm(config, monitor, disks, floppy, workdir)
+        run_helper_vm(config, monitor, release, disks, floppy, workdir)
         monitor.info("Image customization finished successfully.")
 
 
@@ -2094,12 +2122,13 @@ def copy_image(config, monitor, source, disk, image_format, boot_code, filesyste
             raise SnfError(f"the image ({image_size + len(header)} bytes) is larger than disk "
                            f"{shown_target} ({writer.size} bytes)")
         monitor.info("Starting image copy...")
-        progress = CopyProgress(monitor, image_size, config.PROGRESS_INTERVAL, "copy")
+        progress = CopyProgress(monitor, image_size, config.PROGRESS_INTERVAL, "copy", skip=len(header))
         copied = copy_stream(reader, writer, config.COPY_BUFFER_SIZE, progress,
                              overlap=config.COPY_OVERLAP, prefix=header)
+        drain(source.reader)       # a decompressor may stop early: size and checksum checks run at EOF
         source.finish()
         writer.sync()
-        progress.update(copied - len(header), final=True)
+        progress.update(copied, final=True)
     if filesystem_dump and image_size is None:
         rewrite_first_sector(disk.path, build_mbr(boot_code, image_format, copied - len(header)))
     monitor.info(f"Image copy finished ({copied} bytes written to {shown_target}).")
@@ -2223,6 +2252,7 @@ The configuration is /etc/default/snf-image (or $SNF_IMAGE_CONFIG)."""
 
 
 def deploy_parser():
+    import argparse
     parser = argparse.ArgumentParser(prog="snf-image-host.py deploy", description=DEPLOY_DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     target = parser.add_argument_group("target")

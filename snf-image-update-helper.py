@@ -21,6 +21,7 @@ works and how long the boot took.
 """
 
 import argparse
+import bz2
 import contextlib
 import fcntl
 import gzip
@@ -32,6 +33,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import stat
 import struct
 import subprocess
@@ -40,8 +42,7 @@ import tarfile
 import tempfile
 import time
 import zlib
-import bz2
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 if sys.version_info < (3, 11):
@@ -51,7 +52,7 @@ if sys.version_info < (3, 11):
 # Constants
 # ---------------------------------------------------------------------------
 
-SNF_IMAGE_VERSION = "0.24.0.dev0"
+SNF_IMAGE_VERSION = "0.24.0"  # as snf-image-host.py
 
 # Bump when the root stage changes in a way the cache key does not see.
 ROOT_RECIPE_VERSION = 3
@@ -127,28 +128,35 @@ def warn(message):
     print(f"Warning: {message}", file=sys.stderr, flush=True)
 
 
-def run(argv, *, log=None, env=None, capture=False, input=None):
-    """Run a program from an argument list; raise HelperError on failure.
-
-    With `log` (an open file) its output goes there and the error names the
-    last line of it; with `capture` stdout is returned."""
+def run(argv, *, env=None, capture=False, input=None):
+    """Run a program from an argument list; raise HelperError (naming its
+    last line of output) on failure. With `capture` stdout is returned."""
     try:
-        if log is not None:
-            log.flush()
-            proc = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                  input=input, check=False)
-        else:
-            proc = subprocess.run(argv, capture_output=True, env=env, input=input, check=False)
+        proc = subprocess.run(argv, capture_output=True, env=env, input=input, check=False)
     except OSError as err:
         raise HelperError(f"cannot run {argv[0]}: {err.strerror}") from None
     if proc.returncode != 0:
-        if log is not None:
-            detail = last_line_of_file(log.name)
-            raise HelperError(f"{Path(argv[0]).name} failed (exit code {proc.returncode}): "
-                              f"{detail} (log: {log.name})")
-        detail = last_line(proc.stderr) or last_line(proc.stdout)
+        detail = last_line(proc.stderr) if proc.stderr.strip() else last_line(proc.stdout)
         raise HelperError(f"{Path(argv[0]).name} failed (exit code {proc.returncode}): {detail}")
     return proc.stdout if capture else None
+
+
+def run_logged(argv, log_path, *, env=None, heartbeat=10.0):
+    """Run a long program with its output in log_path, printing its latest
+    log line every `heartbeat` seconds; raise HelperError on failure."""
+    name = Path(argv[0]).name
+    with open(log_path, "wb") as log, \
+            running_process(argv, stdin=subprocess.DEVNULL, stdout=log,
+                            stderr=subprocess.STDOUT, env=env, start_new_session=True) as proc:
+        next_report = time.monotonic() + heartbeat
+        while proc.poll() is None:
+            time.sleep(0.2)
+            if time.monotonic() >= next_report:
+                step(f"{name}: {last_line_of_file(log_path)[:100]}")
+                next_report += heartbeat
+    if proc.returncode != 0:
+        raise HelperError(f"{name} failed (exit code {proc.returncode}): "
+                          f"{last_line_of_file(log_path)} (log: {log_path})")
 
 
 def last_line(data):
@@ -269,8 +277,6 @@ class Settings:
     rebuild_root: bool = False
     accel: str = "auto"
     check_timeout: float = 300.0
-    keep_log: bool = False
-    extra: dict = field(default_factory=dict)
 
 
 def default_helper_sources():
@@ -326,6 +332,9 @@ def load_settings(args, environ=os.environ):
     suite = values["HELPER_DEBIAN_SUITE"]
     if not re.match(r"^[a-z][a-z0-9.-]*$", suite):
         raise HelperError(f"invalid Debian suite {suite!r}")
+    mirror = values["HELPER_DEBIAN_MIRROR"].rstrip("/")
+    if mirror and not re.match(r"^(https?|ftp|file):/[^\s\[\]]*$", mirror):
+        raise HelperError(f"HELPER_DEBIAN_MIRROR must be an http(s)/ftp/file URL, not {mirror!r}")
     try:
         memory = int(values["HELPER_MEMORY"])
     except ValueError:
@@ -335,7 +344,7 @@ def load_settings(args, environ=os.environ):
         helper_dir=helper_dir,
         cache_dir=cache_dir,
         suite=suite,
-        mirror=values["HELPER_DEBIAN_MIRROR"].rstrip("/"),
+        mirror=mirror,
         memory=memory,
         user=values["HELPER_USER"],
         programs={key: values[key] for key, option, *_ in SETTINGS_TABLE if option is None},
@@ -354,13 +363,36 @@ def load_settings(args, environ=os.environ):
 
 @contextlib.contextmanager
 def temporary_directory(parent, prefix):
-    """A directory removed on exit, whatever happens."""
+    """A directory (mode 0755) removed on exit, whatever happens."""
     Path(parent).mkdir(parents=True, exist_ok=True)
     path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
     try:
+        path.chmod(0o755)
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+class StagingDirectory:
+    """A work directory next to its destination: renamed to `final` when the
+    block ends normally with `final` set (readers never see it half-written),
+    removed otherwise."""
+
+    def __init__(self, parent, prefix):
+        self.parent, self.prefix = Path(parent), prefix
+        self.path = self.final = None
+
+    def __enter__(self):
+        self.parent.mkdir(parents=True, exist_ok=True)
+        self.path = Path(tempfile.mkdtemp(prefix=self.prefix, dir=self.parent))
+        self.path.chmod(0o755)
+        return self
+
+    def __exit__(self, exc_type, _exc, _tb):
+        if exc_type is None and self.final is not None:
+            os.rename(self.path, self.final)
+        else:
+            shutil.rmtree(self.path, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -380,14 +412,23 @@ def exclusive_lock(path, what):
 
 
 @contextlib.contextmanager
-def running_process(argv, **kwargs):
-    """A child process killed (and reaped) on exit from the block."""
-    proc = subprocess.Popen(argv, **kwargs)
+def running_process(argv, **popen_options):
+    """A child process, killed and reaped on leaving the block; started with
+    start_new_session=True its whole process group is killed (multistrap's
+    apt and dpkg children too)."""
+    try:
+        proc = subprocess.Popen(argv, **popen_options)
+    except OSError as err:
+        raise HelperError(f"cannot run {argv[0]}: {err.strerror}") from None
     try:
         yield proc
     finally:
         if proc.poll() is None:
-            proc.kill()
+            with contextlib.suppress(ProcessLookupError):
+                if popen_options.get("start_new_session"):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                else:
+                    proc.kill()
         proc.wait()
 
 
@@ -812,7 +853,17 @@ def configure_root(root):
         (root / directory).mkdir(parents=True, exist_ok=True)
 
 
-def build_root_stage(settings, entry, mirror):
+def find_in_root(root, program):
+    """Path of a program in the root: /usr/bin, or /bin where an older suite's
+    packages undid the merged /usr (dpkg -x replaces the bin -> usr/bin link)."""
+    for directory in ("usr/bin", "bin", "usr/sbin", "sbin"):
+        path = root / directory / program
+        if path.is_file():
+            return path
+    return None
+
+
+def build_root_stage(settings, entry, mirror, log_path):
     """Run multistrap and prepare the cache entry directory `entry`."""
     root = entry / "root"
     # Merged /usr before unpacking: trixie packages ship /usr paths only and
@@ -825,17 +876,15 @@ def build_root_stage(settings, entry, mirror):
     env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "USER": "root", "HOME": "/root",
            "LC_ALL": "C", "DEBIAN_FRONTEND": "noninteractive",
            "INITRD": "No"}  # the kernel postinst must not build an initramfs
-    step(f"multistrap: Debian {settings.suite} from {mirror} (about 20-60 s; log {entry}/multistrap.log)")
-    with open(entry / "multistrap.log", "w") as log:
-        run([settings.programs["MULTISTRAP"], "-d", str(root), "-f", str(config)], log=log, env=env)
-    if not (root / "usr/bin/python3").exists() or not (root / "usr/bin/busybox").exists():
-        raise HelperError(f"multistrap finished but the root lacks python3 or busybox "
-                          f"(log: {entry}/multistrap.log)")
+    step(f"multistrap: Debian {settings.suite} from {mirror} (about 20-60 s; log {log_path})")
+    run_logged([settings.programs["MULTISTRAP"], "-d", str(root), "-f", str(config)], log_path, env=env)
+    if find_in_root(root, "python3") is None or find_in_root(root, "busybox") is None:
+        raise HelperError(f"multistrap finished but the root lacks python3 or busybox (log: {log_path})")
     packages = installed_packages(root)
 
     step("kernel: taking the kernel out of the root")
     kernels = sorted((root / "boot").glob("vmlinuz-*"))
-    module_dirs = sorted((root / "usr/lib/modules").glob("*"))
+    module_dirs = sorted((root / "lib/modules").glob("*"))
     if len(kernels) != 1 or len(module_dirs) != 1:
         raise HelperError(f"expected one kernel in the helper root, found {len(kernels)}")
     kernel_version = kernels[0].name.removeprefix("vmlinuz-")
@@ -894,15 +943,13 @@ def prepared_root_stage(settings):
         return entry
     if os.geteuid() != 0:
         raise HelperError("building the helper root needs root (multistrap configures packages in a chroot)")
-    with temporary_directory(settings.cache_dir, f".rootfs-{key}.") as work:
-        work.chmod(0o755)
-        build_root_stage(settings, work, mirror)
-        os.rename(work, entry)
-        work.mkdir()  # for temporary_directory's cleanup
-    for old in settings.cache_dir.glob("rootfs-*"):
-        if old != entry:
+    with StagingDirectory(settings.cache_dir, f".rootfs-{key}.") as staging:
+        build_root_stage(settings, staging.path, mirror, settings.cache_dir / f"multistrap-{key}.log")
+        staging.final = entry
+    for old in list(settings.cache_dir.glob("rootfs-*")) + list(settings.cache_dir.glob("multistrap-*.log")):
+        if old not in (entry, settings.cache_dir / f"multistrap-{key}.log"):
             step(f"root stage: removing the old cache {old.name}")
-            shutil.rmtree(old, ignore_errors=True)
+            remove_path(old)
     return entry
 
 
@@ -936,21 +983,14 @@ def install_helper_files(root, helper_program, tasks_dir):
     if lib.exists():
         shutil.rmtree(lib)
     (lib / "tasks").mkdir(parents=True)
-    if helper_program.exists():
-        shutil.copyfile(helper_program, lib / HELPER_PROGRAM_NAME)
-    else:
-        warn(f"{helper_program} does not exist yet; the helper has no init program")
-        (lib / HELPER_PROGRAM_NAME).write_text("#!/usr/bin/python3\nraise SystemExit('no snf-image-helper')\n")
+    shutil.copyfile(helper_program, lib / HELPER_PROGRAM_NAME)
     (lib / HELPER_PROGRAM_NAME).chmod(0o755)
     (lib / BOOT_CHECK_PROGRAM).write_text(BOOT_CHECK_SOURCE)
     (lib / BOOT_CHECK_PROGRAM).chmod(0o755)
-    if tasks_dir.is_dir():
-        for task in sorted(tasks_dir.iterdir()):
-            if task.is_file() and not task.name.startswith("."):
-                shutil.copyfile(task, lib / "tasks" / task.name)
-                (lib / "tasks" / task.name).chmod(0o755 if os.access(task, os.X_OK) else 0o644)
-    elif tasks_dir.exists():
-        raise HelperError(f"tasks directory {tasks_dir} is not a directory")
+    for task in sorted(tasks_dir.iterdir()):
+        if task.is_file() and not task.name.startswith("."):
+            shutil.copyfile(task, lib / "tasks" / task.name)
+            (lib / "tasks" / task.name).chmod(0o755 if os.access(task, os.X_OK) else 0o644)
     link = root / HELPER_INIT.lstrip("/")
     if link.exists() or link.is_symlink():
         link.unlink()
@@ -1001,22 +1041,22 @@ def assemble_release(settings, entry, releases):
     info = json.loads((entry / "info.json").read_text())
     digest = inputs_hash(settings, entry.name)
     build_id = new_build_id(releases, digest)
-    with temporary_directory(releases, f".build-{build_id}.") as work:
-        work.chmod(0o755)
+    with StagingDirectory(releases, f".build-{build_id}.") as staging:
+        work = staging.path
         step("release: copying the cached root (hard links)")
-        staging = work / "root"
-        run([settings.programs["CP"], "-al", str(entry / "root"), str(staging)])
-        install_helper_files(staging, settings.helper_program, settings.tasks_dir)
-        (staging / HELPER_LIB_DIR / "release.json").write_text(json.dumps(
+        root = work / "root"
+        copy_root(settings, entry / "root", root)
+        install_helper_files(root, settings.helper_program, settings.tasks_dir)
+        (root / HELPER_LIB_DIR / "release.json").write_text(json.dumps(
             {"build_id": build_id, "snf_image_version": SNF_IMAGE_VERSION,
              "inputs_hash": digest}, indent=1) + "\n")
         step("release: root image (mkfs.ext4 -d, no journal)")
-        make_root_image(settings, staging, work / "image")
-        shutil.rmtree(staging)
+        make_root_image(settings, root, work / "image")
+        shutil.rmtree(root)
         step("release: initrd (busybox + modules, cpio newc + gzip)")
         modules_dir = entry / "initrd-modules"
         order = (modules_dir / "load-order").read_text().split()
-        write_initrd(work / "initrd", (entry / "root/usr/bin/busybox").read_bytes(),
+        write_initrd(work / "initrd", find_in_root(entry / "root", "busybox").read_bytes(),
                      [(name, (modules_dir / name).read_bytes()) for name in order])
         kernel_source = entry / ("vmlinux" if info["kernel_format"] == "vmlinux-pvh" else "vmlinuz")
         link_or_copy(kernel_source, work / "kernel")
@@ -1036,8 +1076,7 @@ def assemble_release(settings, entry, releases):
             "root_stage": entry.name,
             "check_flag": helper_supports_check(settings.helper_program),
             "tasks": sorted(p.name for p in settings.tasks_dir.iterdir()
-                            if p.is_file() and not p.name.startswith("."))
-            if settings.tasks_dir.is_dir() else [],
+                            if p.is_file() and not p.name.startswith(".")),
             "packages": info["packages"],
             "files": files,
         }
@@ -1045,10 +1084,8 @@ def assemble_release(settings, entry, releases):
                           (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
         for name in files:
             (work / name).chmod(0o644)
-        final = releases / build_id
-        os.rename(work, final)
-        work.mkdir()  # for temporary_directory's cleanup
-    return final
+        staging.final = releases / build_id
+    return staging.final
 
 
 def switch_current(helper_dir, release):
@@ -1068,13 +1105,42 @@ def switch_current(helper_dir, release):
         shutil.rmtree(old, ignore_errors=True)
 
 
+def check_helper_sources(settings):
+    if not settings.helper_program.is_file():
+        raise HelperError(f"helper program {settings.helper_program} does not exist")
+    if not settings.tasks_dir.is_dir():
+        raise HelperError(f"tasks directory {settings.tasks_dir} does not exist")
+
+
+def copy_root(settings, source, destination):
+    """Hard-link copy of the cached root (a plain copy across file systems)."""
+    try:
+        run([settings.programs["CP"], "-al", str(source), str(destination)])
+    except HelperError:
+        shutil.rmtree(destination, ignore_errors=True)
+        step("release: cache on another file system, copying the root")
+        run([settings.programs["CP"], "-a", str(source), str(destination)])
+
+
+def remove_stale(directory, *patterns):
+    """Work directories left by a builder that was killed. Only called under
+    the lock their creator held, so none of them is in use."""
+    for pattern in patterns:
+        for path in Path(directory).glob(pattern):
+            step(f"removing {path.name}, left by an interrupted run")
+            remove_path(path)
+
+
 def build(settings):
+    check_helper_sources(settings)
     helper_dir = settings.helper_dir
     releases = helper_dir / "releases"
     releases.mkdir(parents=True, exist_ok=True)
     with exclusive_lock(settings.cache_dir / "lock", "the root stage cache"):
+        remove_stale(settings.cache_dir, ".rootfs-*")
         entry = prepared_root_stage(settings)
         with exclusive_lock(helper_dir / "lock", "HELPER_DIR"):
+            remove_stale(releases, ".build-*", ".import.*")
             release = assemble_release(settings, entry, releases)
             switch_current(helper_dir, release)
     step(f"helper release {release.name} is current in {helper_dir}")
@@ -1160,9 +1226,18 @@ def import_release(settings, source):
         raise HelperError(f"{source} does not exist")
     releases = settings.helper_dir / "releases"
     releases.mkdir(parents=True, exist_ok=True)
-    with exclusive_lock(settings.helper_dir / "lock", "HELPER_DIR"), \
-            temporary_directory(releases, ".import.") as work:
-        work.chmod(0o755)
+    with exclusive_lock(settings.helper_dir / "lock", "HELPER_DIR"):
+        remove_stale(releases, ".build-*", ".import.*")
+        final = install_archive(source, releases)
+        switch_current(settings.helper_dir, final)
+    step(f"imported helper release {final.name}; it is current in {settings.helper_dir}")
+    return final
+
+
+def install_archive(source, releases):
+    """Extract and verify an exported release into releases/<build id>."""
+    with StagingDirectory(releases, ".import.") as staging:
+        work = staging.path
         try:
             with tarfile.open(source, tar_mode(source, False)) as archive:
                 top = None
@@ -1196,10 +1271,7 @@ def import_release(settings, source):
             verify_release(final, read_manifest(final))
             step(f"import: release {top} is already installed")
         else:
-            os.rename(work, final)
-            work.mkdir()
-        switch_current(settings.helper_dir, final)
-    step(f"imported helper release {top}; it is current in {settings.helper_dir}")
+            staging.final = final
     return final
 
 
@@ -1238,7 +1310,6 @@ def boot_once(settings, release, accel, timeout, kernel=None):
     else:
         extra, init = (), f"/{HELPER_LIB_DIR}/{BOOT_CHECK_PROGRAM}"
     with temporary_directory(tempfile.gettempdir(), "snf-image-check.") as work:
-        work.chmod(0o755)
         argv = qemu_command(settings, release, accel, work, kernel, extra, init)
         started = time.monotonic()
         with running_process(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -1271,17 +1342,14 @@ def check(settings):
             raise HelperError("/dev/kvm is not usable")
     if settings.accel in ("auto", "tcg"):
         candidates.append(("tcg", settings.check_timeout))
-    working = None
     for accel, timeout in candidates:
         ok, seconds, reason = boot_once(settings, release, accel, timeout)
-        step(f"check: {accel}: {'boots' if ok else 'FAILED'} in {seconds:.1f} s ({reason})")
-        if ok and working is None:
-            working = (accel, seconds)
-            break
-    if working is None:
-        raise HelperError("the helper did not boot with any accelerator")
-    print(f"helper {release.name}: accelerator {working[0]} works, boot to SUCCESS took {working[1]:.1f} s")
-    return working
+        step(f"check: {accel}: {'boots' if ok else 'does not work'} after {seconds:.1f} s ({reason})")
+        if ok:
+            print(f"helper {release.name}: accelerator {accel} works, boot to SUCCESS took {seconds:.1f} s")
+            return accel, seconds
+    raise HelperError(f"helper {release.name} did not boot with any accelerator "
+                      f"({', '.join(a for a, _ in candidates)})")
 
 
 # ---------------------------------------------------------------------------
@@ -1289,8 +1357,13 @@ def check(settings):
 # ---------------------------------------------------------------------------
 
 
+def terminate(signum, _frame):
+    raise HelperError(f"terminated by signal {signum}")
+
+
 def main(argv=None):
     args = build_arg_parser().parse_args(argv)
+    previous_handler = signal.signal(signal.SIGTERM, terminate)
     try:
         settings = load_settings(args)
         if args.import_file and args.export:
@@ -1309,6 +1382,8 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("Error: interrupted", file=sys.stderr)
         return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
     return 0
 
 

@@ -38,7 +38,8 @@ BUILDER = REPO / "snf-image-update-helper.py"
 HELPER_PROGRAM = REPO / "snf-image-helper.py"
 DEFAULT_TASKS = REPO / "tasks.d"
 SUITE = os.environ.get("SNF_IMAGE_TEST_SUITE", "trixie")
-KEEP_HELPERS = 8  # cached helper-<hash> dirs kept (least recently used go first)
+KEEP_HELPERS = 8  # cached helper-<hash> dirs kept (least recently used go first) ...
+PRUNE_AFTER_SECONDS = 3 * 3600  # ... but never one used in the last 3 hours (a running session's)
 BUILD_TIMEOUT = 1800
 
 
@@ -93,12 +94,22 @@ def _is_complete(helper_dir):
     return (helper_dir / "current" / "manifest.json").is_file()
 
 
+def _last_used(path):
+    for candidate in (path / ".last-used", path):
+        try:
+            return candidate.stat().st_mtime
+        except FileNotFoundError:
+            continue
+    return 0.0
+
+
 def _prune_old(keep_path):
-    """Drop the least recently used helper-<hash> dirs beyond KEEP_HELPERS."""
+    """Drop the least recently used helper-<hash> dirs beyond KEEP_HELPERS
+    that no session has used for PRUNE_AFTER_SECONDS."""
     dirs = [p for p in cache_dir().glob("helper-*") if p.is_dir() and p.name != "helper-root-cache"]
-    dirs.sort(key=lambda p: (p / ".last-used").stat().st_mtime if (p / ".last-used").exists() else 0)
+    dirs.sort(key=_last_used)
     for old in dirs[:-KEEP_HELPERS]:
-        if old == keep_path:
+        if old == keep_path or time.time() - _last_used(old) < PRUNE_AFTER_SECONDS:
             continue
         with _Lock(cache_dir() / f"{old.name}.lock"):
             shutil.rmtree(old, ignore_errors=True)

@@ -3,13 +3,11 @@ validation (verify), run both in-process and through the real os-def/verify
 wrapper with the environment Ganeti 3 passes."""
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, strategies as st
 
 from conftest import REPO, load_script
 import ganeti_env

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, load_script, require_programs, require_root
+from conftest import REPO, load_script, require_programs
 from host_testlib import Site, last_line
 
 host = load_script("snf-image-host.py")
@@ -130,7 +130,7 @@ def test_soft_timeout_terminates(tmp_path):
     error, _, elapsed = run_guest(tmp_path, [(COM1, b"hanging\r\n")], ending="hang", soft="2")
     assert error.exit_code == 3
     assert "did not finish within HELPER_SOFT_TIMEOUT (2 s)" in str(error) and "terminated" in str(error)
-    assert elapsed < 30
+    assert elapsed < 120
 
 
 def test_hard_timeout_kills_what_ignores_sigterm(tmp_path):
@@ -139,7 +139,7 @@ def test_hard_timeout_kills_what_ignores_sigterm(tmp_path):
     started = time.monotonic()
     with pytest.raises(host.SnfError) as error:
         host.run_qemu_helper(lambda fds: ["sh", "-c", script], config, RecordingMonitor(), str(tmp_path))
-    assert "killed" in str(error.value) and time.monotonic() - started < 20
+    assert "killed" in str(error.value) and time.monotonic() - started < 120
 
 
 def test_missing_qemu_program(tmp_path):
@@ -183,7 +183,7 @@ def test_dead_monitor_does_not_stop_deployment(tmp_path, capfd):
     script.write_text("#!/bin/sh\nexit 0\n")
     script.chmod(0o755)
     with host.Monitor([str(script)], "vm1") as monitor:
-        time.sleep(0.3)
+        monitor.process.wait(timeout=60)      # the monitor is gone before the first message
         for _ in range(3):
             monitor.send("image-info", messages=["still going"])
     err = capfd.readouterr().err
@@ -200,7 +200,7 @@ def debugfs_cat(image, name):
 @pytest.mark.parametrize("answer_file", [False, True])
 def test_floppy_contents(tmp_path, answer_file):
     require_programs("mkfs.ext2", "debugfs")
-    config = host.finalize_config({"WINDOWS_TIMEZONE": "w. europe standard time"})
+    config = host.finalize_config({"WINDOWS_TIMEZONE": "w. europe standard time", "IMAGE_DIR": str(tmp_path)})
     params = {"img_id": "x", "img_format": "extdump", "img_passwd": "S3cretPW"}
     if answer_file:
         answer = tmp_path / "answer.xml"
@@ -270,12 +270,12 @@ def test_auto_accelerator_never_hangs(tmp_path, monkeypatch):
     config = host.finalize_config({"HELPER_ACCEL": "auto"})
     started = time.monotonic()
     accel = host.choose_accelerator(config)
-    assert accel in ("kvm", "tcg") and time.monotonic() - started < 30
+    assert accel in ("kvm", "tcg") and time.monotonic() - started < 60
     if os.path.exists("/dev/kvm"):
         cached = json.loads((tmp_path / "run" / "accel").read_text())
         assert cached["accel"] == accel and cached["boot_id"] == host.boot_id()
         started = time.monotonic()
-        assert host.choose_accelerator(config) == accel and time.monotonic() - started < 1
+        assert host.choose_accelerator(config) == accel and time.monotonic() - started < 5
 
 
 def test_explicit_accelerator_is_used_as_is():
@@ -285,19 +285,19 @@ def test_explicit_accelerator_is_used_as_is():
 # --- create without a usable helper; SIGTERM cleanup ---------------------------------
 
 def test_create_without_helper_fails_plainly_and_cleans_up(tmp_path, monkeypatch):
-    site = Site(tmp_path / "site", HELPER_DIR=tmp_path / "no-helper")
+    (tmp_path / "run").mkdir()
+    site = Site(tmp_path / "site", HELPER_DIR=tmp_path / "no-helper", TEMP_DIR=tmp_path / "run")
     (site.images / "i.img").write_bytes(os.urandom(8192))
     disk = tmp_path / "disk"
     disk.write_bytes(bytes(65536))
-    before = set(os.listdir("/run/snf-image")) if os.path.isdir("/run/snf-image") else set()
     result = site.deploy("--disk", disk, "--img-id", "i.img", "--img-format", "diskdump",
                          env={"OSP_IMG_PASSWD": "Secr3tValue"})
     assert result.returncode == 1
     line = last_line(result)
     assert "did not complete" in line and "snf-image-update-helper" in line
     assert b"Secr3tValue" not in result.stderr + result.stdout
-    after = set(os.listdir("/run/snf-image")) if os.path.isdir("/run/snf-image") else set()
-    assert after - before <= {"accel"}
+    assert disk.read_bytes() == bytes(65536), "the disk must not be touched when no helper can run"
+    assert os.listdir(tmp_path / "run") == []
 
 
 @pytest.mark.qemu
@@ -313,7 +313,7 @@ def test_sigterm_kills_qemu_and_removes_temp_files(tmp_path):
         host = load_script("snf-image-host.py")
         config = host.finalize_config({{"HELPER_SOFT_TIMEOUT": "600"}})
         def work():
-            with host.private_temp_dir() as workdir:
+            with host.private_temp_dir({str(tmp_path / "run")!r}) as workdir:
                 print("WORKDIR", workdir, flush=True)
                 host.run_qemu_helper(lambda fds: guest_argv({str(disk)!r}, fds), config,
                                      host.Monitor([], "x"), workdir)
@@ -332,7 +332,8 @@ def test_sigterm_kills_qemu_and_removes_temp_files(tmp_path):
                                text=True)
     workdir = process.stdout.readline().split()[1]
     qemu_pid = None
-    for _ in range(200):
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
         children = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()
         if children:
             qemu_pid = int(children[0])
@@ -344,8 +345,17 @@ def test_sigterm_kills_qemu_and_removes_temp_files(tmp_path):
     _, err = process.communicate(timeout=60)
     assert process.returncode == 1 and "interrupted by signal SIGTERM" in err.strip().splitlines()[-1]
     assert not os.path.exists(workdir)
-    for _ in range(50):
+    for _ in range(300):
         if not os.path.exists(f"/proc/{qemu_pid}"):
             break
         time.sleep(0.1)
     assert not os.path.exists(f"/proc/{qemu_pid}"), "qemu survived SIGTERM of its parent"
+
+
+def test_answer_file_outside_image_dir_is_refused(tmp_path):
+    config = host.finalize_config({"IMAGE_DIR": str(tmp_path / "images")})
+    (tmp_path / "images").mkdir()
+    with pytest.raises(host.SnfError, match="inside IMAGE_DIR"):
+        host.fetch_answer_file("file:///etc/shadow", config.IMAGE_DIR)
+    with pytest.raises(host.SnfError, match="inside IMAGE_DIR"):
+        host.fetch_answer_file(f"file://{tmp_path}/images/../x.xml", config.IMAGE_DIR)

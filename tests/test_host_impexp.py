@@ -4,6 +4,7 @@ byte for byte; failure paths leave a clear last line."""
 
 import os
 import subprocess
+import time
 
 import pytest
 
@@ -45,7 +46,7 @@ def export_disk(os_dir, conf, disks, index, out_path):
 
 
 def test_export_import_round_trip_two_disks(tmp_path, os_dir, conf):
-    sizes = [6 * MIB + 4096, 3 * MIB]
+    sizes = [6 * MIB + 4096, 3 * MIB + 1]
     source = []
     for index, size in enumerate(sizes):
         path = tmp_path / f"src.disk{index}"
@@ -95,6 +96,43 @@ def test_export_import_loop_devices(tmp_path, os_dir, conf):
     assert dst_file.read_bytes() == src_file.read_bytes()
 
 
+def disk_fd_flags(pid, path, timeout=120):
+    """open(2) flags of the fd that process pid holds on path (from /proc/PID/fdinfo)."""
+    deadline = time.monotonic() + timeout      # generous: the machine may be busy
+    while time.monotonic() < deadline:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            fds = []
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") == str(path):
+                    text = open(f"/proc/{pid}/fdinfo/{fd}").read()
+                    return int(text.split("flags:")[1].split()[0], 8)
+            except OSError:
+                continue
+        time.sleep(0.05)
+    return None
+
+
+def test_export_uses_o_direct(tmp_path, os_dir, conf):
+    """Export blocks on a full stdout pipe while we look at its disk fd's flags."""
+    disk = tmp_path / "disk"
+    data = os.urandom(16 * MIB)
+    disk.write_bytes(data)
+    process = subprocess.Popen([str(os_dir / "export")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               env=dict(ganeti_env.export_env([disk], 0), SNF_IMAGE_CONFIG=str(conf)),
+                               cwd=os_dir)
+    try:
+        flags = disk_fd_flags(process.pid, disk)
+        out, _ = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert flags is not None and flags & O_DIRECT
+    assert process.returncode == 0 and out == data
+
+
 def test_import_uses_o_direct(tmp_path, os_dir, conf):
     """While import runs (stdin kept open), its disk fd carries O_DIRECT."""
     disk = tmp_path / "disk"
@@ -105,19 +143,7 @@ def test_import_uses_o_direct(tmp_path, os_dir, conf):
     try:
         process.stdin.write(os.urandom(5 * MIB))
         process.stdin.flush()
-        flags = None
-        for _ in range(100):
-            for fd in os.listdir(f"/proc/{process.pid}/fd"):
-                try:
-                    if os.readlink(f"/proc/{process.pid}/fd/{fd}") == str(disk):
-                        text = open(f"/proc/{process.pid}/fdinfo/{fd}").read()
-                        flags = int(text.split("flags:")[1].split()[0], 8)
-                except OSError:
-                    continue
-            if flags is not None:
-                break
-            import time
-            time.sleep(0.05)
+        flags = disk_fd_flags(process.pid, disk)
         assert flags is not None and flags & O_DIRECT
     finally:
         process.stdin.close()

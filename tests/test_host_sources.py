@@ -9,7 +9,6 @@ import gzip
 import hashlib
 import lzma
 import os
-import stat
 
 import pytest
 
@@ -282,3 +281,39 @@ def test_external_destination_backend_for_uri_disk(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, timeout=120)
     assert result.returncode == 0, result.stderr.decode()
     assert out.read_bytes() == data
+
+
+# --- config_url ---------------------------------------------------------------------
+
+def test_config_url_supplies_parameters(site, tmp_path, http_server):
+    import json
+    data = image_bytes(70_000)
+    (site.images / "from-url.img").write_bytes(data)
+    url = http_server.serve("/config.json", json.dumps({"IMG_ID": "from-url.img", "img_format": "diskdump",
+                                                        "ignored_key": "x"}).encode())
+    disk = make_disk(tmp_path / "disk")
+    result = site.deploy("--disk", disk, "--img-id", "overridden.img", "--config-url", url, "--no-helper")
+    assert result.returncode == 0, result.stderr.decode()
+    assert_disk_starts_with(disk, data)
+
+
+def test_config_url_errors(site, tmp_path, http_server):
+    disk = make_disk(tmp_path / "disk")
+    bad = http_server.serve("/bad.json", b'{"img_properties": {"A": 1}}')
+    for url, fragment in ((http_server.url("/missing.json"), "HTTP 404"), (bad, "must be a string")):
+        result = site.deploy("--disk", disk, "--config-url", url, "--no-helper")
+        assert result.returncode != 0 and fragment in last_line(result)
+    assert disk.read_bytes() == b"\xee" * 8 * MIB
+
+
+def test_checksum_of_compressed_image(site, tmp_path):
+    data = image_bytes(MIB)
+    packed = lzma.compress(data)
+    (site.images / "p.img").write_bytes(packed)
+    (site.images / "p.img.sha256").write_text(hashlib.sha256(packed).hexdigest() + "\n")
+    disk = make_disk(tmp_path / "disk")
+    deploy_ok(site, disk, "p.img")
+    assert_disk_starts_with(disk, data)
+    (site.images / "p.img.sha256").write_text(hashlib.sha256(data).hexdigest() + "\n")
+    result = site.deploy("--disk", disk, "--img-id", "p.img", "--img-format", "diskdump", "--no-helper")
+    assert result.returncode == 1 and "checksum mismatch" in last_line(result)

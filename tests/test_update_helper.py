@@ -90,10 +90,17 @@ def test_settings_defaults(tmp_path):
     assert settings.helper_program.name == "snf-image-helper.py"
 
 
-@pytest.mark.parametrize("config", ['HELPER_DEBIAN_SUITE="tri xie;rm"', 'HELPER_MEMORY="lots"'])
+@pytest.mark.parametrize("config", ['HELPER_DEBIAN_SUITE="tri xie;rm"', 'HELPER_MEMORY="lots"',
+                                    'HELPER_DEBIAN_MIRROR="http://a/debian suite=x"',
+                                    'HELPER_DEBIAN_MIRROR="mirror.example.org/debian"'])
 def test_settings_reject_bad_values(tmp_path, config):
     with pytest.raises(HelperError):
         settings_from([], config, tmp_path)
+
+
+def test_mirror_with_newline_on_command_line_is_rejected(tmp_path):
+    with pytest.raises(HelperError, match="MIRROR"):
+        settings_from(["--mirror", "http://a/debian\nsuite=sid"], "", tmp_path)
 
 
 def test_mirror_from_deb822_sources_skips_security(tmp_path):
@@ -467,3 +474,33 @@ def test_export_without_helper_is_an_error(tmp_path, capsys):
     assert code == 1
     assert "no helper built" in capsys.readouterr().err
     assert not (tmp_path / "x.tar").exists()
+
+
+@pytest.mark.parametrize("option", ["--tasks", "--helper-program"])
+def test_build_with_missing_sources_fails_before_touching_anything(tmp_path, capsys, option):
+    code = builder.main(["--helper-dir", str(tmp_path / "hd"), option, str(tmp_path / "missing")])
+    assert code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not exist" in err[0]
+    assert not (tmp_path / "hd").exists()
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("fake_multistrap, message", [
+    ("false", "false failed (exit code 1)"),
+    ("true", "lacks python3 or busybox"),
+])
+def test_failed_root_stage_leaves_no_cache_and_no_release(tmp_path, capsys, monkeypatch,
+                                                          fake_multistrap, message):
+    from conftest import require_root
+    require_root()
+    config = tmp_path / "snf-image.conf"
+    config.write_text(f'MULTISTRAP="{fake_multistrap}"\nHELPER_DEBIAN_MIRROR="http://mirror.invalid/debian"\n')
+    args = ["--helper-dir", str(tmp_path / "hd"), "--cache-dir", str(tmp_path / "cache")]
+    monkeypatch.setenv("SNF_IMAGE_CONFIG", str(config))
+    code = builder.main(args)
+    assert code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+    assert [p.name for p in (tmp_path / "cache").iterdir() if p.name.startswith((".rootfs", "rootfs"))] == []
+    assert not (tmp_path / "hd" / "current").exists()

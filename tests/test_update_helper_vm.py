@@ -8,13 +8,15 @@ import json
 import os
 import struct
 import subprocess
+import signal
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, load_script, require_programs
-from helpervm import built_helper_dir, helper_vm_dir  # noqa: F401  (fixture)
+from conftest import REPO, load_script, require_programs, require_root
+from helpervm import SUITE, built_helper_dir, helper_vm_dir  # noqa: F401  (fixture)
 
 builder = load_script("snf-image-update-helper.py")
 
@@ -35,7 +37,7 @@ def test_release_layout_and_manifest(helper_vm_dir):
         assert (helper_vm_dir / name).resolve() == release / name
     manifest = json.loads((release / "manifest.json").read_text())
     assert manifest["build_id"] == release.name
-    assert manifest["suite"] == "trixie"
+    assert manifest["suite"] == SUITE
     assert manifest["snf_image_version"] == builder.SNF_IMAGE_VERSION
     assert len(manifest["inputs_hash"]) == 64
     for name, digest in manifest["files"].items():
@@ -149,3 +151,63 @@ def test_rebuild_switches_current_and_keeps_previous(tmp_path, helper_vm_dir):
                           timeout=1800, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert len(list((helper_dir / "releases").iterdir())) == 2
+
+
+@pytest.mark.qemu
+def test_export_import_of_a_real_release_boots(helper_vm_dir, tmp_path):
+    """What an administrator does to move the helper to another node."""
+    require_programs("qemu-system-x86_64")
+    env = dict(os.environ, SNF_IMAGE_CONFIG="/dev/null")
+    program = str(REPO / "snf-image-update-helper.py")
+    archive = tmp_path / "helper.tar"
+    proc = subprocess.run([sys.executable, program, "--helper-dir", str(helper_vm_dir),
+                           "--export", str(archive)], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    node = tmp_path / "node2"
+    proc = subprocess.run([sys.executable, program, "--helper-dir", str(node), "--import", str(archive),
+                           "--check", "--accel", "tcg"], capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "accelerator tcg works" in proc.stdout
+    assert (node / "current").resolve().name == (helper_vm_dir / "current").resolve().name
+
+
+def test_root_image_has_the_programs_the_tasks_use(helper_vm_dir):
+    require_programs("debugfs")
+    image = (helper_vm_dir / "current").resolve() / "image"
+    present = set(debugfs(image, "ls /usr/bin").split()) | set(debugfs(image, "ls /usr/sbin").split())
+    needed = ("python3", "busybox", "sfdisk", "sgdisk", "partx", "blockdev", "blkid", "mount",
+              "umount", "e2fsck", "tune2fs", "resize2fs", "xfs_growfs", "btrfs", "mkswap", "chroot",
+              "ntfsresize", "ntfsinfo", "ntfsfix", "ntfs-3g", "hivexsh", "modprobe", "parted",
+              "mkfs.vfat", "losetup", "findfs")
+    assert [program for program in needed if program not in present] == []
+
+
+def test_sigterm_during_multistrap_leaves_nothing_behind(tmp_path):
+    """Killing the builder mid-build: one-line error, no work directory, no
+    multistrap/apt/dpkg process left, nothing installed."""
+    require_root()
+    require_programs("multistrap")
+    cache = tmp_path / "cache"
+    helper_dir = tmp_path / "hd"
+    proc = subprocess.Popen([sys.executable, str(REPO / "snf-image-update-helper.py"),
+                             "--helper-dir", str(helper_dir), "--cache-dir", str(cache)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, SNF_IMAGE_CONFIG="/dev/null"))
+    try:
+        deadline = time.monotonic() + 120
+        while not list(cache.glob(".rootfs-*/root/etc")) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert list(cache.glob(".rootfs-*")), "multistrap never started"
+        time.sleep(2)
+        proc.send_signal(signal.SIGTERM)
+        _out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 1
+    assert err.strip().splitlines() == ["Error: terminated by signal 15"]
+    assert not list(cache.glob(".rootfs-*")) and not list(cache.glob("rootfs-*"))
+    assert not (helper_dir / "current").exists()
+    leftovers = subprocess.run(["pgrep", "-f", str(cache)], capture_output=True, text=True).stdout
+    assert leftovers.strip() == ""

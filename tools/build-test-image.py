@@ -15,10 +15,11 @@ Layouts:
                  fstab by UUID, systemd-networkd
   mbr-cloudinit  as mbr, with cloud-init installed (NoCloud seed expected)
 
-Every image carries `snf-test-report.service`: once the boot has finished
-(after network-online.target), it writes the guest's own state as JSON lines
-between `==SNF-REPORT-BEGIN==` and `==SNF-REPORT-END==` to the second serial
-port (ttyS1; the console if there is none) and powers the guest off.
+Every image carries `snf-test-report.service`: on its first boot, once the
+boot has finished (after network-online.target), it writes the guest's own
+state as JSON lines between `==SNF-REPORT-BEGIN==` and `==SNF-REPORT-END==`
+to the second serial port (ttyS1; the console if there is none) and powers
+the guest off. Later boots of the same disk stay up (login on ttyS0, sshd).
 Each JSON line is {"key": ..., "rc": exit status, "b64": base64 of the output}.
 
 Run as root (loop devices, mounts, chroot). The output is written atomically.
@@ -26,6 +27,7 @@ Run as root (loop devices, mounts, chroot). The output is written atomically.
 
 import argparse
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -166,6 +168,8 @@ report() {
     echo "==SNF-REPORT-END=="
 } > "$OUT" 2>/dev/null
 rm -f "$TMP"
+# Report and power off on the first boot only: booted again, the VM stays up.
+mkdir -p /var/lib/snf-test-report && touch /var/lib/snf-test-report/reported
 sync
 systemctl --no-block poweroff
 """
@@ -174,6 +178,7 @@ REPORT_UNIT = """[Unit]
 Description=snf-image test report on the serial port, then power off
 Wants=network-online.target
 After=network-online.target cloud-final.service
+ConditionPathExists=!/var/lib/snf-test-report/reported
 
 [Service]
 Type=simple
@@ -234,7 +239,9 @@ def recipe_for(layout, suite, mirror, size_mib):
         raise BuildError(f"unknown layout {layout!r} (known: {', '.join(LAYOUTS)})")
     packages = list(BASE_PACKAGES)
     if LAYOUTS[layout]["cloud_init"]:
-        packages.append("cloud-init")
+        # cloud-guest-utils (growpart) is only a Recommends of cloud-init, but
+        # without it cloud-init cannot grow the root partition.
+        packages += ["cloud-init", "cloud-guest-utils"]
     return {"tool_source": short_hash(Path(__file__).read_text()), "layout": layout, "suite": suite,
             "mirror": mirror, "size_mib": size_mib, "packages": sorted(packages),
             "report_script": REPORT_SCRIPT, "report_unit": REPORT_UNIT,
@@ -498,13 +505,38 @@ def build_image(recipe, output, cache_dir):
     log(f"built {output} ({recipe['layout']}, {recipe['suite']})")
 
 
+def cached_image(layout, cache_dir, suite=DEFAULT_SUITE, mirror=None, size_mib=1024):
+    """CACHE_DIR/debian-<suite>-<layout>-<recipe hash>.img, built if missing.
+
+    A file lock per layout makes concurrent callers wait for one build; images
+    of the same layout with another recipe hash are removed."""
+    recipe = recipe_for(layout, suite, mirror or host_debian_mirror(suite), size_mib)
+    cache_dir = Path(cache_dir)
+    path = cache_dir / f"debian-{suite}-{layout}-{short_hash(recipe)}.img"
+    if path.exists():
+        return path
+    if os.geteuid() != 0:
+        raise BuildError("must run as root (loop devices, mounts, chroot)")
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with open(cache_dir / f"{layout}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if path.exists():
+            return path
+        for stale in cache_dir.glob(f"debian-{suite}-{layout}-{'?' * 16}.img"):
+            stale.unlink()
+        build_image(recipe, path, cache_dir)
+    return path
+
+
 # --------------------------------------------------------------- main
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layout", choices=sorted(LAYOUTS), required=True)
-    parser.add_argument("--output", type=Path, help="the image file to write")
+    parser.add_argument("--output", type=Path,
+                        help="the image file to write (default: build into the cache if "
+                             "missing and print its path)")
     parser.add_argument("--suite", default=DEFAULT_SUITE)
     parser.add_argument("--mirror", help="Debian mirror URI (default: the host's APT sources)")
     parser.add_argument("--size-mib", type=int, default=1024)
@@ -524,7 +556,8 @@ def main(argv=None):
             print(short_hash(recipe))
             return 0
         if args.output is None:
-            raise BuildError("--output is required")
+            print(cached_image(args.layout, args.cache_dir, args.suite, mirror, args.size_mib))
+            return 0
         if os.geteuid() != 0:
             raise BuildError("must run as root (loop devices, mounts, chroot)")
         args.cache_dir.mkdir(parents=True, exist_ok=True)

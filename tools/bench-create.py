@@ -1,0 +1,129 @@
+#!/usr/bin/env python3
+"""Benchmark: total `create` time with all Linux tasks, against the helper-only cost.
+
+Pipeline: image source → O_DIRECT copy → floppy + helper VM → **tasks** → SUCCESS.
+Each run deploys the 1 GiB Debian test image (MBR, ext4; tools/build-test-image.py)
+onto a fresh 3 GiB disk file through the real os-def/create with Ganeti's
+environment and the real helper (built by the real builder, cached by
+tests/helpervm.py), and times `create` from start to exit:
+
+  full      every Linux task does real work: partition table and file system
+            grown, swap partition, hostname, machine-id, password for two
+            users, two SSH keys, two NICs (static IPv4 + SLAAC, DHCP), SSH host
+            keys regenerated, three personality files, a custom task;
+  baseline  the same deployment with EXCLUDE_ALL_TASKS=yes: copy + floppy +
+            helper boot, i.e. the helper-only overhead.
+
+Runs alternate between the two so that load from other processes hits both
+alike; the medians (of 3 by default) are printed with their ratio and
+difference (= the cost of the tasks themselves).
+
+Usage: python3 tools/bench-create.py [--runs N] [--keep-logs DIR]
+"""
+
+import argparse
+import base64
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "tools"))
+
+import helpervm  # noqa: E402  (builds and caches the helper like the tests do)
+import demo  # noqa: E402      (image, OS directory and Ganeti environment of `make demo`)
+
+NICS = ({"mac": "aa:00:00:be:00:01", "ip": "192.0.2.10", "network_subnet": "192.0.2.0/24",
+         "network_gateway": "192.0.2.1", "network_subnet6": "2001:db8:1::/64",
+         "network_gateway6": "2001:db8:1::1", "network_tags": ""},
+        {"mac": "aa:00:00:be:00:02", "ip": "10.0.3.15", "network_subnet": "10.0.3.0/24",
+         "network_tags": "dhcp"})
+CUSTOM_TASK = "#!/bin/sh\necho benchmark > \"$SNF_IMAGE_TARGET/etc/snf-bench\"\n"
+
+
+def ssh_keys(work):
+    keys = []
+    for kind in ("ed25519", "rsa"):
+        path = work / f"id_{kind}"
+        subprocess.run(["ssh-keygen", "-q", "-t", kind, "-N", "", "-C", "bench@example.org",
+                        "-f", str(path)], check=True)
+        keys.append(path.with_suffix(".pub").read_text().strip())
+    return "\n".join(keys) + "\n"
+
+
+def full_osparams(auth_keys):
+    personality = [{"path": f"/etc/snf-bench/file{i}", "owner": "root", "group": "root",
+                    "mode": 0o644, "contents": base64.b64encode(b"x" * 4096).decode()}
+                   for i in range(3)]
+    properties = {"OSFAMILY": "linux", "ROOT_PARTITION": "1", "SWAP": "2:256",
+                  "USERS": "root debian",
+                  "CUSTOM_TASK": base64.b64encode(CUSTOM_TASK.encode()).decode()}
+    return {"img_passwd": "bench-password", "img_properties": json.dumps(properties),
+            "img_personality": json.dumps(personality), "auth_keys": auth_keys}
+
+
+def baseline_osparams():
+    return {"img_passwd": "bench-password",
+            "img_properties": json.dumps({"OSFAMILY": "linux", "ROOT_PARTITION": "1",
+                                          "EXCLUDE_ALL_TASKS": "yes"})}
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=3, help="runs of each kind (default 3)")
+    parser.add_argument("--keep-logs", type=Path, help="directory for the create logs")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if os.geteuid() != 0:
+        print("bench-create: error: run as root", file=sys.stderr)
+        return 1
+    try:
+        helper_dir = helpervm.built_helper_dir()
+        image = demo.ensure_image("mbr")
+    except (RuntimeError, demo.DemoError) as error:
+        print(f"bench-create: error: {str(error).splitlines()[0]}", file=sys.stderr)
+        return 1
+    print(f"image  {image} ({image.stat().st_size // 2**20} MiB) onto "
+          f"{demo.DISK_SIZE_MIB} MiB disks\nhelper {helper_dir}")
+    times = {"full": [], "baseline": []}
+    with tempfile.TemporaryDirectory(prefix="snf-bench-create-") as workdir:
+        work = Path(workdir)
+        config = demo.write_config(work, image.parent, helper_dir, "tcg")
+        os_dir = demo.install_os_dir(work / "os")
+        auth_keys = ssh_keys(work)
+        for run in range(args.runs):
+            for kind, osparams in (("full", full_osparams(auth_keys)), ("baseline", baseline_osparams())):
+                disk = demo.fresh_disk(work / "disk0.img")
+                env = demo.ganeti_create_env(config, disk, image, osparams,
+                                             instance="bench.example.org", nics=NICS)
+                log_path = (args.keep_logs or work) / f"create-{kind}-{run}.log"
+                log_path.parent.mkdir(parents=True, exist_ok=True)
+                with open(log_path, "wb") as log:
+                    status, seconds = demo.run_create(os_dir, env, output=log)
+                if status != 0:
+                    tail = log_path.read_text(errors="replace").strip().splitlines()[-1:]
+                    print(f"bench-create: error: {kind} run {run + 1} failed (exit {status}): "
+                          f"{' '.join(tail)}", file=sys.stderr)
+                    return 1
+                times[kind].append(seconds)
+                print(f"run {run + 1}  {kind:<8} {seconds:6.1f} s", flush=True)
+                disk.unlink()
+    full, baseline = statistics.median(times["full"]), statistics.median(times["baseline"])
+    print(f"\ncreate, 1 GiB Debian image onto {demo.DISK_SIZE_MIB // 1024} GiB, TCG, "
+          f"median of {args.runs}:")
+    print(f"  all Linux tasks                      {full:6.1f} s")
+    print(f"  helper only (EXCLUDE_ALL_TASKS=yes)  {baseline:6.1f} s")
+    print(f"  ratio {full / baseline:.2f}, tasks cost {full - baseline:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
