@@ -79,7 +79,7 @@ TASK_ATTRIBUTE_RE = re.compile(rb"^#\s*snf-image-task:(.*)$", re.MULTILINE)
 OVERWRITE_DIR = "root/snf-image/helper"
 OVERWRITE_RERUN = 101            # overwrite script asks for the original task
 
-MBR_EXTENDED_TYPES = (0x05, 0x0F)
+MBR_EXTENDED_TYPES = (0x05, 0x0F, 0x85)
 MBR_FAMILY_BY_TYPE = {0xA5: "freebsd", 0xA6: "openbsd", 0xA9: "netbsd"}
 MBR_CHECK_BY_TYPE = {0x07: "windows", 0x83: "linux"}
 GPT_FREEBSD_UFS = "516E7CB6-6ECF-11D6-8FF8-00022D09712B"
@@ -487,19 +487,36 @@ class Properties:
 # --------------------------------------------------------------------------
 
 def partition_to_resize(table):
-    """Upstream's get_partition_to_resize (inventory §7.7) on a parsed table:
-    the number of the partition to grow, or None when there is none."""
-    if not table or not table["partitions"]:
+    """The number of the partition to grow, or None when there is none.
+
+    The partition that ENDS LAST on the disk, the rule of
+    tasks.d/10FixPartitionTable, which grows it (SNF_IMAGE_RESIZE_PART tells
+    tasks 20/40/81 whose file system to resize, so both must agree).  On MBR:
+    the primary (extended included) that ends last; if that is the extended
+    partition, its logical partition that ends last (or the empty extended
+    partition itself).  Empty slots are ignored.  Upstream (inventory §7.7)
+    took the highest number, which is the same on ordinary layouts but the
+    wrong partition on images not numbered in disk order (Debian's cloud
+    images: root 1 after 14 and 15)."""
+    if not table:
         return None
-    partitions = table["partitions"]
-    last = partitions[-1]["number"]
-    if table["label"] == "dos" and last > 4:
-        extended = next((p["number"] for p in partitions
-                         if _mbr_type(p) in MBR_EXTENDED_TYPES), None)
-        primaries = [p["number"] for p in partitions if p["number"] <= 4]
-        if extended is not None and primaries and max(primaries) != extended:
-            return max(primaries)
-    return last
+    partitions = [p for p in table["partitions"] if p["size"] > 0]
+    if not partitions:
+        return None
+
+    def end(partition):
+        return partition["start"] + partition["size"], partition["number"]
+
+    if table["label"] != "dos":
+        return max(partitions, key=end)["number"]
+    primaries = [p for p in partitions if p["number"] <= 4]
+    logicals = [p for p in partitions if p["number"] > 4]
+    if not primaries:
+        return max(partitions, key=end)["number"]
+    last = max(primaries, key=end)
+    if _mbr_type(last) in MBR_EXTENDED_TYPES and logicals:
+        return max(logicals, key=end)["number"]
+    return last["number"]
 
 
 def _mbr_type(partition):
@@ -977,6 +994,7 @@ class Deployment:
                 self.cleanup(report=False)     # the first error is the one to report
                 raise
             self.cleanup()
+            os.sync()                          # what the tasks wrote is on the disks first
             self.console.line("all done: SUCCESS")
             self.write_result("SUCCESS")
             return WORKER_SUCCESS
@@ -1057,10 +1075,11 @@ class Deployment:
         wait_for_block_device(rules_dev)
         floppy_dir = tempfile.mkdtemp(prefix="rules.", dir=self.scratch_dir)
         self.cleanups.append(lambda: os.rmdir(floppy_dir))
-        result = run(["mount", "-t", "ext2", "-o", "ro", rules_dev, floppy_dir], check=False)
-        if result.returncode != 0:
-            raise HelperError(f"Cannot mount the rules device {rules_dev}")
-        self.cleanups.append(lambda: umount_all(floppy_dir))
+        try:     # the system call, not mount(8): one program less to start under TCG
+            kernel_mount(rules_dev, floppy_dir, "ext2", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
+        except OSError as error:
+            raise HelperError(f"Cannot mount the rules device {rules_dev}: {error.strerror}") from None
+        self.cleanups.append(lambda: kernel_umount(floppy_dir))
         for name in ("rules.json", "unattend.xml", "sysprep.inf"):
             if not os.path.isfile(os.path.join(floppy_dir, name)):
                 raise HelperError(f"{name} is missing from the rules device {rules_dev}")
@@ -1135,9 +1154,24 @@ def _libc():
     return ctypes.CDLL(None, use_errno=True)
 
 
+def kernel_mount(source, target, fstype, flags=0, data=""):
+    """mount(2); raises OSError."""
+    if _libc().mount(source.encode(), target.encode(), fstype.encode(), flags, data.encode()) != 0:
+        import ctypes
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), target)
+
+
+def kernel_umount(target):
+    """umount(2); raises OSError."""
+    if _libc().umount2(target.encode(), 0) != 0:
+        import ctypes
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), target)
+
+
 def mount_kernel_filesystems():
     """proc, sysfs, devtmpfs (unless the initrd moved them here), tmpfs on /tmp and /run."""
-    libc = _libc()
     for source, mount_point, fstype, flags, data in (
             ("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, ""),
             ("sysfs", "/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, ""),
@@ -1146,25 +1180,27 @@ def mount_kernel_filesystems():
             ("tmpfs", "/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755")):
         if os.path.ismount(mount_point):
             continue
-        if libc.mount(source.encode(), mount_point.encode(), fstype.encode(),
-                      flags, data.encode()) != 0:
-            import ctypes
-            code = ctypes.get_errno()
-            print(f"Warning: cannot mount {fstype} on {mount_point}: {os.strerror(code)}",
+        try:
+            kernel_mount(source, mount_point, fstype, flags, data)
+        except OSError as error:
+            print(f"Warning: cannot mount {fstype} on {mount_point}: {error.strerror}",
                   file=sys.stderr, flush=True)
 
 
 def power_off():
     """Flush the ports and the disks, then power the VM off.  Never returns."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    for port in (CONSOLE_PORT, RESULT_PORT, PROGRESS_PORT):
-        try:
-            fd = os.open(port, os.O_WRONLY | os.O_NOCTTY | os.O_NONBLOCK)
-        except OSError:
-            continue
-        drain(fd)
-        os.close(fd)
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for port in (CONSOLE_PORT, RESULT_PORT, PROGRESS_PORT):
+            try:
+                fd = os.open(port, os.O_WRONLY | os.O_NOCTTY | os.O_NONBLOCK)
+            except OSError:
+                continue
+            drain(fd)
+            os.close(fd)
+    except Exception:                  # nothing may keep PID 1 from the reboot call
+        pass
     os.sync()
     if os.getpid() == 1:               # never power off the machine a test runs on
         _libc().reboot(RB_POWER_OFF)

@@ -348,6 +348,7 @@ SETTINGS = (
     Setting("DEFAULT_NIC_CONFIG", "dhcp", _check_choice(NIC_CONFIGS), "configuration of a lone NIC without information"),
     Setting("COPY_BUFFER_SIZE", "4M", _check_buffer_size, "O_DIRECT copy buffer size"),
     Setting("COPY_OVERLAP", "yes", _check_yes_no, "read the next buffer while the previous one is written"),
+    Setting("COPY_WRITERS", "1", _check_positive_int, "O_DIRECT writes kept in flight on a disk (1: in order)"),
     Setting("PROGRESS_INTERVAL", "3", parse_duration, "seconds between copy progress messages"),
     Setting("TEMP_DIR", "/run/snf-image", _as_is, "private directory for the floppy and other temporary files"),
     Setting("MBR_BIN", "", _as_is, "boot code for filesystem dumps; empty: syslinux's mbr.bin"),
@@ -1053,7 +1054,10 @@ def fill_buffer(reader, view):
     filled = 0
     size = len(view)
     while filled < size:
-        n = reader.readinto(view[filled:])
+        try:
+            n = reader.readinto(view[filled:])
+        except OSError as exc:
+            raise SnfError(f"read error on the input stream: {exc.strerror or exc}") from None
         if not n:
             break
         filled += n
@@ -1387,6 +1391,29 @@ class DiskWriter:
             self.direct = False
             self._write_all(view, aligned, count)
 
+    def seek(self, offset):
+        os.lseek(self.fd, offset, os.SEEK_SET)
+        self.position = offset
+
+    def write_at(self, view, count, offset):
+        """pwrite() a full, aligned buffer at offset (thread-safe: no shared file position)."""
+        if self.size is not None and offset + count > self.size:
+            raise SnfError(f"the image does not fit on disk {self.path}: it is larger than the "
+                           f"disk ({self.size} bytes)")
+        done = 0
+        while done < count:
+            try:
+                written = os.pwrite(self.fd, view[done:count], offset + done)
+            except OSError as exc:
+                if exc.errno == errno.ENOSPC:
+                    raise SnfError(f"disk {self.path} is full at byte {offset + done} "
+                                   "(the image is larger than the disk)") from None
+                raise SnfError(f"write error on disk {self.path} at byte {offset + done}: "
+                               f"{exc.strerror}") from None
+            if written <= 0:
+                raise SnfError(f"short write on disk {self.path} at byte {offset + done}")
+            done += written
+
     def _write_all(self, view, start, end):
         offset = start
         while offset < end:
@@ -1488,21 +1515,25 @@ class CopyProgress:
         log(f"{self.label}: {human_size(position)}{of_total}, {rate:.0f} MiB/s")
 
 
-def copy_stream(reader, writer, buffer_size, progress=None, overlap=True, prefix=b""):
+def copy_stream(reader, writer, buffer_size, progress=None, overlap=True, prefix=b"", writers=1):
     """Copy reader → writer in full, aligned buffers; returns the byte count.
 
-    With overlap, a reader thread fills the next buffer while the current one
-    is being written (the syscalls release the GIL).
+    With overlap, the next buffer is read while the previous one is written
+    (the syscalls release the GIL). With writers > 1 (disks only), that many
+    threads keep several O_DIRECT pwrite()s in flight at their own offsets,
+    like qemu-img convert -W, so the device queue never runs dry.
     """
-    buffers = [mmap.mmap(-1, buffer_size) for _ in range(3 if overlap else 1)]
     total = 0
+    if prefix:
+        with mmap.mmap(-1, -(-len(prefix) // 4096) * 4096) as buffer:
+            with memoryview(buffer) as view:
+                view[:len(prefix)] = prefix
+                writer.write(view, len(prefix))
+        total += len(prefix)
+    if writers > 1 and hasattr(writer, "write_at"):
+        return total + _parallel_copy(reader, writer, buffer_size, progress, writers, total)
+    buffers = [mmap.mmap(-1, buffer_size) for _ in range(3 if overlap else 1)]
     try:
-        if prefix:
-            view = memoryview(buffers[0])
-            view[:len(prefix)] = prefix
-            writer.write(view, len(prefix))
-            view.release()
-            total += len(prefix)
         blocks = _overlapped_blocks(reader, buffers) if overlap else _serial_blocks(reader, buffers[0])
         for view, count in blocks:
             if count:
@@ -1517,6 +1548,70 @@ def copy_stream(reader, writer, buffer_size, progress=None, overlap=True, prefix
             except BufferError:
                 pass
     return total
+
+
+def _parallel_copy(reader, writer, buffer_size, progress, writers, start):
+    """The main thread reads full buffers in order; writer threads pwrite() them.
+
+    The final short block is written last, alone (it clears O_DIRECT on the fd).
+    """
+    views = [memoryview(mmap.mmap(-1, buffer_size)) for _ in range(writers + 2)]
+    free, work = queue.Queue(), queue.Queue()
+    for view in views:
+        free.put(view)
+    errors = []
+
+    def write_blocks():
+        while True:
+            item = work.get()
+            if item is None:
+                return
+            view, count, offset = item
+            try:
+                if not errors:
+                    writer.write_at(view, count, offset)
+            except BaseException as exc:       # re-raised by the main thread
+                errors.append(exc)
+            free.put(view)
+
+    threads = [threading.Thread(target=write_blocks, name=f"disk-writer-{n}", daemon=True)
+               for n in range(writers)]
+    for thread in threads:
+        thread.start()
+    offset = start
+    tail = None
+    try:
+        while not errors:
+            view = free.get()
+            count = fill_buffer(reader, view)
+            if count < buffer_size:
+                tail = (view, count)
+                break
+            work.put((view, count, offset))
+            offset += count
+            if progress:
+                progress.update(offset)
+    finally:
+        for _ in threads:
+            work.put(None)
+        for thread in threads:
+            thread.join()
+    try:
+        if errors:
+            raise errors[0]
+        view, count = tail
+        if count:
+            writer.seek(offset)        # pwrite() left the file position where it was
+            writer.write(view, count)
+            offset += count
+        if progress:
+            progress.update(offset)
+        return offset - start
+    finally:
+        for view in views:
+            buffer = view.obj
+            view.release()
+            buffer.close()
 
 
 def _serial_blocks(reader, buffer):
@@ -2124,7 +2219,7 @@ def copy_image(config, monitor, source, disk, image_format, boot_code, filesyste
         monitor.info("Starting image copy...")
         progress = CopyProgress(monitor, image_size, config.PROGRESS_INTERVAL, "copy", skip=len(header))
         copied = copy_stream(reader, writer, config.COPY_BUFFER_SIZE, progress,
-                             overlap=config.COPY_OVERLAP, prefix=header)
+                             overlap=config.COPY_OVERLAP, prefix=header, writers=config.COPY_WRITERS)
         drain(source.reader)       # a decompressor may stop early: size and checksum checks run at EOF
         source.finish()
         writer.sync()
@@ -2170,7 +2265,7 @@ def operation_export(environ):
                 warn(f"cannot write the export size to EXP_SIZE_FD {size_fd}: {exc.strerror}")
         log(f"exporting disk {index} ({device}, {human_size(size)}) to stdout")
         out = sys.stdout.fileno()
-        reader = io.FileIO(fd, "rb", closefd=False)
+        reader = DirectReader(fd)
         writer = StreamWriter(out, "stdout")
         progress = CopyProgress(None, size, 30, f"export disk {index}")
         copied = copy_stream(reader, writer, config.COPY_BUFFER_SIZE, progress, overlap=config.COPY_OVERLAP)
@@ -2179,6 +2274,24 @@ def operation_export(environ):
     if copied != size:
         raise SnfError(f"export of disk {index} read {copied} of {size} bytes")
     log(f"exported disk {index}: {copied} bytes")
+
+
+class DirectReader:
+    """Reads an O_DIRECT fd: a short read means the end (never retried unaligned)."""
+
+    def __init__(self, fd):
+        self.fd, self.ended = fd, False
+
+    def readinto(self, view):
+        if self.ended:
+            return 0
+        try:
+            count = os.readv(self.fd, [view])
+        except OSError as exc:
+            raise SnfError(f"read error on the disk being exported: {exc.strerror}") from None
+        if count < len(view):
+            self.ended = True
+        return count
 
 
 class StreamWriter:
@@ -2210,7 +2323,8 @@ def operation_import(environ):
     reader = io.FileIO(0, "rb", closefd=False)
     with DiskWriter(device) as writer:
         progress = CopyProgress(None, None, 30, f"import disk {index}")
-        copied = copy_stream(reader, writer, config.COPY_BUFFER_SIZE, progress, overlap=config.COPY_OVERLAP)
+        copied = copy_stream(reader, writer, config.COPY_BUFFER_SIZE, progress, overlap=config.COPY_OVERLAP,
+                             writers=config.COPY_WRITERS)
         writer.sync()
     log(f"imported disk {index}: {copied} bytes")
 
@@ -2372,6 +2486,12 @@ def main(argv=None):
         return exc.exit_code
     except KeyboardInterrupt:
         print("ERROR: interrupted", file=sys.stderr, flush=True)
+        return 1
+    except Exception as exc:        # a bug: keep the traceback, but still end with one line
+        import traceback
+        traceback.print_exc()
+        print(f"ERROR: internal error ({type(exc).__name__}): {' '.join(str(exc).split())[:200]}",
+              file=sys.stderr, flush=True)
         return 1
     return 0
 

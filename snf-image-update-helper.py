@@ -293,6 +293,29 @@ def build_arg_parser():
         description="Build the snf-image helper VM (multistrap root, kernel, initrd, "
                     "read-only ext4 image) into HELPER_DIR and switch to it atomically. "
                     "Without an action option it builds.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="""\
+configuration:
+  KEY="value" lines of /etc/default/snf-image (SNF_IMAGE_CONFIG names another
+  file), parsed, never executed; command-line options win. Programs:
+  MULTISTRAP, MKFS_EXT4, DEPMOD, QEMU, ZSTD, CP.
+
+HELPER_DIR after a build:
+  current -> releases/<build-id>    switched by rename; the previous release is kept
+  releases/<id>/kernel              vmlinux (PVH direct boot) or bzImage
+  releases/<id>/initrd              busybox + the modules that reach the root disk
+  releases/<id>/image               read-only ext4 root
+  releases/<id>/manifest.json       versions, packages, sha256 of every file
+  kernel, initrd, image             compatibility links to current/...
+  cache/rootfs-<hash>/              multistrap + kernel, reused while the
+                                    suite, mirror and package list stay the same
+
+examples:
+  snf-image-update-helper                       build (seconds when cached)
+  snf-image-update-helper --build --check       build, then boot it once
+  snf-image-update-helper --export helper.tar   on a node with a helper
+  snf-image-update-helper --import helper.tar --check   on the other nodes
+""",
     )
     actions = parser.add_argument_group("actions")
     actions.add_argument("--build", action="store_true",
@@ -624,7 +647,7 @@ def module_load_order(wanted, modules_dep, builtin):
     return order
 
 
-def read_module(path):
+def read_module(path, zstd_program="zstd"):
     """Module bytes, decompressed (busybox insmod gets plain .ko files)."""
     data = Path(path).read_bytes()
     if data.startswith(b"\xfd7zXZ\x00"):
@@ -632,7 +655,7 @@ def read_module(path):
     if data.startswith(b"\x1f\x8b"):
         return gzip.decompress(data)
     if data.startswith(b"\x28\xb5\x2f\xfd"):
-        return run(["zstd", "-q", "-d", "-c", str(path)], capture=True)
+        return run([zstd_program, "-q", "-d", "-c", str(path)], capture=True)
     return data
 
 
@@ -659,6 +682,13 @@ class CpioWriter:
         self.stream.write(b"\0" * (-(110 + len(name_bytes)) % 4))
         self.stream.write(data)
         self.stream.write(b"\0" * (-len(data) % 4))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, _exc, _tb):
+        if exc_type is None:
+            self.close()
 
     def add_directory(self, name, mode=0o755):
         self._entry(name, stat.S_IFDIR | mode, nlink=2)
@@ -724,7 +754,7 @@ while [ -z "$device" ]; do
     fi
     if [ -z "$device" ]; then
         tries=$((tries + 1))
-        [ "$tries" -le 600 ] || fail "root disk @ROOT_SERIAL@ / $root did not appear"
+        [ "$tries" -le 400 ] || fail "root disk @ROOT_SERIAL@ / $root did not appear"
         usleep 50000
     fi
 done
@@ -734,6 +764,7 @@ mount -t "$fstype" -o ro "$device" /newroot || fail "cannot mount $device on /ne
 for fs in dev proc sys; do
     mount --move "/$fs" "/newroot/$fs" || fail "cannot move /$fs"
 done
+export PATH=/usr/sbin:/usr/bin:/sbin:/bin
 exec switch_root /newroot "$init" "$@"
 fail "switch_root failed"
 """
@@ -746,21 +777,20 @@ def write_initrd(path, busybox, modules):
     """gzip'ed cpio: /init, static busybox, decompressed modules (name, bytes)
     in load order."""
     raw = io.BytesIO()
-    archive = CpioWriter(raw)
-    for directory in ("bin", "dev", "proc", "sys", "newroot", "lib", "lib/modules"):
-        archive.add_directory(directory)
-    archive.add_char_device("dev/console", 5, 1)
-    archive.add_char_device("dev/null", 1, 3, 0o666)
-    archive.add_file("bin/busybox", busybox, 0o755)
-    for applet in INIT_APPLETS:
-        archive.add_symlink(f"bin/{applet}", "busybox")
-    archive.add_file("init", INIT_SCRIPT.replace("@ROOT_SERIAL@", ROOT_SERIAL).encode(), 0o755)
-    order = []
-    for name, data in modules:
-        archive.add_file(f"lib/modules/{name}", data)
-        order.append(name)
-    archive.add_file("lib/modules/load-order", "".join(f"{n}\n" for n in order).encode())
-    archive.close()
+    with CpioWriter(raw) as archive:
+        for directory in ("bin", "dev", "proc", "sys", "newroot", "lib", "lib/modules"):
+            archive.add_directory(directory)
+        archive.add_char_device("dev/console", 5, 1)
+        archive.add_char_device("dev/null", 1, 3, 0o666)
+        archive.add_file("bin/busybox", busybox, 0o755)
+        for applet in INIT_APPLETS:
+            archive.add_symlink(f"bin/{applet}", "busybox")
+        archive.add_file("init", INIT_SCRIPT.replace("@ROOT_SERIAL@", ROOT_SERIAL).encode(), 0o755)
+        order = []
+        for name, data in modules:
+            archive.add_file(f"lib/modules/{name}", data)
+            order.append(name)
+        archive.add_file("lib/modules/load-order", "".join(f"{n}\n" for n in order).encode())
     compressed = io.BytesIO()
     with gzip.GzipFile(fileobj=compressed, mode="wb", compresslevel=9, mtime=0) as gz:
         gz.write(raw.getvalue())
@@ -915,7 +945,7 @@ def build_root_stage(settings, entry, mirror, log_path):
     names = []
     for relative in initrd_order:
         name = module_name(relative) + ".ko"
-        (initrd_dir / name).write_bytes(read_module(module_dir / relative))
+        (initrd_dir / name).write_bytes(read_module(module_dir / relative, settings.programs["ZSTD"]))
         names.append(name)
     (initrd_dir / "load-order").write_text("".join(f"{n}\n" for n in names))
     prune_modules(module_dir)
@@ -958,13 +988,42 @@ def prepared_root_stage(settings):
 # ---------------------------------------------------------------------------
 
 BOOT_CHECK_SOURCE = r'''#!/usr/bin/python3
-"""Fallback boot check of the helper (used by snf-image-update-helper --check
-when snf-image-helper does not know snf_image_check_helper): proves the root,
-Python and the serial ports work, then powers off."""
-import ctypes, os, termios, tty
+"""Boot check of the helper root, independent of snf-image-helper (installed
+by snf-image-update-helper). Used by `--check` when the helper program does
+not know snf_image_check_helper, and by the builder's tests: loads the modules
+named by snf_image_boot_check_modules=a,b,c on the kernel command line, then
+writes SUCCESS or `ERROR: <reason>` to ttyS1 and powers off."""
+import ctypes
+import os
+import subprocess
+import termios
+import tty
+
+os.environ["PATH"] = "/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def verdict():
+    modules = []
+    with open("/proc/cmdline") as cmdline:
+        for word in cmdline.read().split():
+            if word.startswith("snf_image_boot_check_modules="):
+                modules += [m for m in word.split("=", 1)[1].split(",") if m]
+    if not modules:
+        return "SUCCESS"
+    proc = subprocess.run(["modprobe", "-a", *modules], capture_output=True, text=True)
+    if proc.returncode != 0:
+        lines = proc.stderr.strip().splitlines() or ["failed"]
+        return f"ERROR: modprobe {' '.join(modules)}: {lines[-1]}"
+    return "SUCCESS"
+
+
+try:
+    result = verdict()
+except Exception as exc:  # PID 1 must report and power off whatever happens
+    result = f"ERROR: boot-check: {exc}"
 fd = os.open("/dev/ttyS1", os.O_WRONLY | os.O_NOCTTY)
 tty.setraw(fd)
-os.write(fd, b"SUCCESS\n")
+os.write(fd, result.encode() + b"\n")
 termios.tcdrain(fd)
 os.sync()
 ctypes.CDLL(None, use_errno=True).reboot(0x4321FEDC)
@@ -1302,13 +1361,16 @@ def qemu_command(settings, release, accel, work, kernel=None, append_extra=(), i
     return argv
 
 
-def boot_once(settings, release, accel, timeout, kernel=None):
-    """Boot the helper in check mode: (succeeded, seconds, reason)."""
-    check_supported = read_manifest(release).get("check_flag", False)
-    if check_supported:
-        extra, init = (CHECK_FLAG,), HELPER_INIT
+def boot_once(settings, release, accel, timeout, kernel=None, boot_check=None, append_extra=()):
+    """Boot the helper in check mode: (succeeded, seconds, reason). With
+    boot_check (default: when snf-image-helper lacks the check flag) the
+    builder's own boot-check program is init instead of snf-image-helper."""
+    if boot_check is None:
+        boot_check = not read_manifest(release).get("check_flag", False)
+    if boot_check:
+        extra, init = tuple(append_extra), f"/{HELPER_LIB_DIR}/{BOOT_CHECK_PROGRAM}"
     else:
-        extra, init = (), f"/{HELPER_LIB_DIR}/{BOOT_CHECK_PROGRAM}"
+        extra, init = (CHECK_FLAG, *append_extra), HELPER_INIT
     with temporary_directory(tempfile.gettempdir(), "snf-image-check.") as work:
         argv = qemu_command(settings, release, accel, work, kernel, extra, init)
         started = time.monotonic()

@@ -39,7 +39,7 @@ HELPER_PROGRAM = REPO / "snf-image-helper.py"
 DEFAULT_TASKS = REPO / "tasks.d"
 SUITE = os.environ.get("SNF_IMAGE_TEST_SUITE", "trixie")
 KEEP_HELPERS = 8  # cached helper-<hash> dirs kept (least recently used go first) ...
-PRUNE_AFTER_SECONDS = 3 * 3600  # ... but never one used in the last 3 hours (a running session's)
+PRUNE_AFTER_SECONDS = 3600  # ... but never one used in the last hour (a running session's)
 BUILD_TIMEOUT = 1800
 
 

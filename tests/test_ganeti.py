@@ -1,6 +1,6 @@
 """snf-image proven against a real Ganeti 3.0 cluster (project issue 5).
 
-A session fixture brings up a single-node cluster inside a network namespace
+A module fixture brings up a single-node cluster inside a network namespace
 (tests/ganeti/up.sh: file and sharedfile disk templates, the kvm hypervisor
 with kvm_flag=disabled so that guests run under TCG, and fake), installs
 snf-image with `make install`, points /etc/default/snf-image at the cached
@@ -50,7 +50,6 @@ INSTALL_LEFTOVERS = [
     Path("/etc/snf-image"),
     Path("/var/lib/snf-image/helper"),
     Path("/var/lib/snf-image"),
-    Path("/usr/local/share/snf-image"),
 ]
 GANETI_LOG_DIR = Path("/var/log/ganeti")
 GANETI_OS_LOG_DIR = GANETI_LOG_DIR / "os"
@@ -141,7 +140,7 @@ def timings(request):
             if recorded:
                 terminalreporter.section("Ganeti suite timings")
                 for label, seconds in recorded:
-                    terminalreporter.write_line(f"{label:<58} {seconds:7.1f} s")
+                    terminalreporter.write_line(f"{label:<68} {seconds:7.1f} s")
 
     request.config.pluginmanager.register(TimingReport(), "snf-image-ganeti-timings")
     return recorded
@@ -225,15 +224,24 @@ def new_paths_removed(paths):
                 path.unlink()
 
 
+def run_make(*arguments):
+    result = subprocess.run(["make", "-C", str(REPO), *arguments], stdin=subprocess.DEVNULL,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"make {' '.join(arguments)} failed:\n{result.stdout}{result.stderr}"
+
+
 @pytest.fixture(scope="module")
-def installed(cluster):
-    """snf-image installed with `make install` into the cluster's OS path."""
-    make = ["make", "-C", str(REPO), f"OSDIR={OS_DIR}"]
+def installed(cluster, tmp_path_factory):
+    """snf-image installed with `make install` into the cluster's OS path.
+    The builder and the helper sources go to a scratch directory: Ganeti
+    needs only OSDIR and the configuration under /etc."""
+    scratch = tmp_path_factory.mktemp("snf-image-install")
+    paths = [f"OSDIR={OS_DIR}", f"SBINDIR={scratch}/sbin", f"DATADIR={scratch}/share"]
     with contextlib.ExitStack() as stack:
-        stack.enter_context(new_paths_removed(INSTALL_LEFTOVERS + [CONFIG_FILE.parent]))
+        stack.enter_context(new_paths_removed(INSTALL_LEFTOVERS))
         stack.enter_context(original_file_restored(CONFIG_FILE))
-        stack.callback(subprocess.run, make + ["uninstall"], capture_output=True, timeout=120)
-        subprocess.run(make + ["install"], check=True, capture_output=True, timeout=120)
+        stack.callback(run_make, "uninstall", *paths)
+        run_make("install", *paths)
         if TEST_IMAGE_DIR.exists():
             shutil.rmtree(TEST_IMAGE_DIR)
         TEST_IMAGE_DIR.mkdir(parents=True)
@@ -329,10 +337,10 @@ class ArgumentListWatch:
 
 
 def gnt_instance_add(cluster, name, params, *, secret_params=None, disk_mib, nic=None,
-                     submit=False):
+                     submit=False, template="file"):
     """The argument list of a `gnt-instance add` of snf-image+default
     (file disk, kvm hypervisor under TCG, one NIC, no start)."""
-    argv = ["gnt-instance", "add", "-t", "file", "-o", f"{OS_NAME}+default",
+    argv = ["gnt-instance", "add", "-t", template, "-o", f"{OS_NAME}+default",
             "-H", "kvm", "-B", f"memory={INSTANCE_MEMORY},vcpus=1",
             "--disk", f"0:size={disk_mib}M", "-O", key_values(params)]
     if secret_params:
@@ -604,6 +612,7 @@ def test_add_deploys_debian_without_leaking_the_password(
 # {"key", "rc", "b64"} between these markers, on the serial console.
 REPORT_BEGIN = "==SNF-REPORT-BEGIN=="
 REPORT_END = "==SNF-REPORT-END=="
+REPORT_KEYS_USED = {"hostname", "etc_hostname", "ip_addr", "ip_route", "authorized_keys:root"}
 REPORT_LINE = re.compile(r'\{"key":"[^"]*","rc":-?\d+,"b64":"[A-Za-z0-9+/=]*"\}')
 
 
@@ -633,7 +642,11 @@ def boot_and_report(cluster, name, timings):
         timings.append((f"{name}: gnt-instance start to login prompt", login - started))
     timings.append((f"{name}: gnt-instance start to the guest's report", report_time - started))
     stop_instance(cluster, name)
-    return parse_report(text)
+    report = parse_report(text)
+    missing = REPORT_KEYS_USED - set(report)
+    assert not missing, (f"the guest's report lacks {sorted(missing)}; the console ended with:\n"
+                         f"{text[-3000:]}")
+    return report
 
 
 def stop_instance(cluster, name):
@@ -769,14 +782,15 @@ def test_missing_image_fails_at_create_with_our_message(cluster, deployable, tim
 
 def test_two_adds_at_once_on_the_same_node_both_succeed(cluster, deployable, network,
                                                          ssh_keys, timings):
-    names = [instance(6), instance(7)]
+    # one on each of the cluster's disk templates
+    names, templates = [instance(6), instance(7)], ["file", "sharedfile"]
     disk_mib = disk_size_for(deployable)
     started = time.monotonic()
     jobs = []
-    for name in names:
+    for name, template in zip(names, templates):
         argv = gnt_instance_add(cluster, name, image_params(deployable, auth_keys=ssh_keys[0]),
                                 disk_mib=disk_mib, nic=f"network={network},ip=pool",
-                                submit=True)
+                                submit=True, template=template)
         submitted = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True,
                                    text=True, check=True, timeout=300)
         # "JobID: 12" (on stderr)
@@ -796,7 +810,8 @@ def test_two_adds_at_once_on_the_same_node_both_succeed(cluster, deployable, net
                         end - start))
     overlap = min(end for _start, end in intervals) - max(start for start, _end in intervals)
     timings.append(("  ... of which both jobs were running at once", max(overlap, 0.0)))
-    for name in names:
+    for name, template in zip(names, templates):
+        assert cluster.instance_field(name, "disk_template") == template
         (disk,) = cluster.disk_paths(name)
         _table, root = root_partition(disk)
         assert read_guest_file(disk, "/etc/hostname", root["start"]).split() == [name]

@@ -94,7 +94,7 @@ def test_mbr_primary_after_extended_is_grown(tmp_path, programs):
     assert helper.partition_to_resize(table) == 3
 
 
-def test_gpt_highest_number_not_physical_order_and_grown_disk(tmp_path, programs):
+def test_gpt_numbers_not_in_disk_order_and_grown_disk(tmp_path, programs):
     ext4 = make_filesystem(tmp_path, "ext4", 8, {})
     disk = make_disk(tmp_path, "gpt", [(3, 1, 8, LINUX_GUID, ext4), (1, None, 8, helper.GPT_MS_BASIC_DATA, None)])
     # as after the copy onto a bigger Ganeti disk: the backup GPT is no longer at the end
@@ -104,7 +104,7 @@ def test_gpt_highest_number_not_physical_order_and_grown_disk(tmp_path, programs
     assert [(p["number"], p["type"], p["fstype"]) for p in table["partitions"]] == [
         (1, helper.GPT_MS_BASIC_DATA, None), (3, LINUX_GUID, "ext4")]
     assert table["partitions"][1]["start"] == 2048
-    assert helper.partition_to_resize(table) == 3
+    assert helper.partition_to_resize(table) == 1        # it ends last (upstream took 3)
 
 
 def test_no_table_and_empty_table(tmp_path, programs):

@@ -333,3 +333,13 @@ def test_debug_shell_runs_on_failure_then_powers_off(ns):
     assert ns.powered_off(), ns.console
     assert ns.result.startswith("ERROR: sysprep.inf is missing")
     assert "debug-42" in (ns.work / "ttyS3").read_text()
+
+
+@pytest.mark.root
+def test_unreadable_rules_device_is_an_error(ns):
+    blank = ns.work / "blank-floppy.img"
+    subprocess.run(["truncate", "-s", "1440K", str(blank)], check=True)
+    ns.floppy_device = ns.loop(blank, "-r")
+    ns.boot()
+    assert ns.powered_off(), ns.console
+    assert ns.result.startswith("ERROR: Cannot mount the rules device /dev/fd0: ")

@@ -194,9 +194,14 @@ def test_partition_device(disk, number, expected):
 
 
 def table(label, *partitions):
-    return {"label": label, "partitions": [
-        {"number": number, "type": kind, "fstype": fstype, "start": 0, "size": 1}
-        for number, kind, fstype in partitions]}
+    """A parsed table: (number, type, fstype[, start, size]); by default
+    partitions lie in number order, 10 sectors each."""
+    parsed = []
+    for entry in partitions:
+        number, kind, fstype = entry[:3]
+        start, size = entry[3:] if len(entry) == 5 else (number * 10, 10)
+        parsed.append({"number": number, "type": kind, "fstype": fstype, "start": start, "size": size})
+    return {"label": label, "partitions": parsed}
 
 
 @pytest.mark.parametrize("parsed, expected", [
@@ -205,15 +210,23 @@ def table(label, *partitions):
     (table("dos", (1, "83", "ext4")), 1),
     (table("dos", (1, "83", "ext4"), (2, "82", "swap")), 2),
     # primary + extended + logicals: grow the last logical
-    (table("dos", (1, "83", "ext4"), (2, "5", None), (5, "83", "ext4"), (6, "83", "ext4")), 6),
-    (table("dos", (1, "83", "ext4"), (2, "F", None), (5, "83", "ext4")), 5),
+    (table("dos", (1, "83", "ext4", 2048, 100), (2, "5", None, 3000, 500),
+           (5, "83", "ext4", 3100, 100), (6, "83", "ext4", 3300, 100)), 6),
+    (table("dos", (1, "83", "ext4", 2048, 100), (2, "F", None, 3000, 500), (5, "83", "ext4", 3100, 100)), 5),
+    (table("dos", (1, "83", "ext4", 2048, 100), (2, "85", None, 3000, 500), (5, "83", "ext4", 3100, 100)), 5),
     # a primary follows the extended partition: grow that primary
-    (table("dos", (1, "83", "ext4"), (2, "5", None), (3, "83", "ext4"), (5, "83", "ext4")), 3),
-    # 0x85 is not recognised as extended (as upstream): the last number wins
-    (table("dos", (1, "83", "ext4"), (2, "85", None), (3, "83", None), (5, "83", "ext4")), 5),
-    # last partition is an empty extended one
+    (table("dos", (1, "83", "ext4", 2048, 100), (2, "5", None, 3000, 500),
+           (3, "83", "ext4", 4000, 100), (5, "83", "ext4", 3100, 100)), 3),
+    # logical partitions numbered against their order on the disk
+    (table("dos", (1, "83", "ext4", 2048, 100), (2, "5", None, 3000, 500),
+           (5, "83", "ext4", 3300, 100), (6, "83", "ext4", 3100, 100)), 5),
+    # the last partition is an empty extended one
     (table("dos", (1, "83", "ext4"), (2, "5", None)), 2),
-    # GPT: highest number, wherever it lies
+    # empty slots are ignored
+    (table("dos", (1, "83", "ext4", 2048, 100), (2, "0", None, 0, 0)), 1),
+    # GPT: the partition that ends last, whatever its number (Debian cloud images: 1 after 14, 15)
+    (table("gpt", (14, "BIOS", None, 2048, 6144), (15, "EFI", "vfat", 8192, 253952),
+           (1, "LINUX", "ext4", 262144, 4000000)), 1),
     (table("gpt", (1, helper.GPT_MS_BASIC_DATA, "ntfs"), (2, "X", "ext4"), (7, "Y", "ext4")), 7),
 ])
 def test_partition_to_resize(parsed, expected):
@@ -332,3 +345,30 @@ def test_warn_goes_to_the_progress_port(tmp_path, monkeypatch, capsys):
     helper.warn("two\nlines")
     assert port.read_text() == "WARNING:two lines\n"
     assert capsys.readouterr().err == "Warning: two\nlines\n"
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(st.from_regex(r"SNF_IMAGE_[A-Z0-9_]{1,12}", fullmatch=True),
+                       st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\0"),
+                               max_size=30)),
+       st.lists(st.text(min_size=1, max_size=20), max_size=4))
+def test_rules_round_trip(env, disks):
+    assert helper.parse_rules(json.dumps({"format": 1, "env": env, "disks": disks})) == (env, disks)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(["dos", "gpt"]),
+       st.lists(st.tuples(st.integers(1, 12), st.sampled_from(["83", "5", "F", "82", "7"]),
+                          st.integers(0, 10000), st.integers(1, 500)),
+                min_size=1, max_size=8, unique_by=lambda entry: entry[0]))
+def test_partition_to_resize_invariants(label, entries):
+    parsed = table(label, *[(number, kind, None, start, size) for number, kind, start, size in entries])
+    chosen = helper.partition_to_resize(parsed)
+    ends = {number: start + size for number, _, start, size in entries}
+    assert chosen in ends
+    if label == "gpt" or max(ends) <= 4:
+        assert ends[chosen] == max(ends.values())      # nothing ends after it
+    else:
+        primaries = {n: e for n, e in ends.items() if n <= 4} or ends
+        logicals = {n: e for n, e in ends.items() if n > 4}
+        assert ends[chosen] in (max(primaries.values()), max(logicals.values()))

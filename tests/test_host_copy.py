@@ -45,14 +45,17 @@ def fdinfo_flags(fd):
     raise AssertionError("no flags in fdinfo")
 
 
+COPY_MODES = [{"overlap": True}, {"overlap": False}, {"overlap": True, "writers": 4}]
+
+
 @pytest.mark.parametrize("size", [0, 1, 511, 4095, 4096, 4097, 4 * MIB + 1])
-@pytest.mark.parametrize("overlap", [True, False])
-def test_copy_awkward_sizes_byte_for_byte(tmp_path, size, overlap):
+@pytest.mark.parametrize("mode", COPY_MODES, ids=["overlap", "serial", "4-writers"])
+def test_copy_awkward_sizes_byte_for_byte(tmp_path, size, mode):
     data = os.urandom(size)
     disk = tmp_path / "disk"
     disk.write_bytes(b"\xaa" * (8 * MIB))
     with host.DiskWriter(str(disk)) as writer:
-        copied = host.copy_stream(io.BytesIO(data), writer, MIB, overlap=overlap)
+        copied = host.copy_stream(io.BytesIO(data), writer, MIB, **mode)
         writer.sync()
     assert copied == size
     content = disk.read_bytes()
@@ -76,8 +79,8 @@ class TricklePipe:
         self.thread.start()
 
 
-@pytest.mark.parametrize("overlap", [True, False])
-def test_copy_from_pipe_fills_whole_buffers(tmp_path, overlap):
+@pytest.mark.parametrize("mode", COPY_MODES, ids=["overlap", "serial", "4-writers"])
+def test_copy_from_pipe_fills_whole_buffers(tmp_path, mode):
     data = os.urandom(3 * 65536 + 777)
     disk = tmp_path / "disk"
     disk.write_bytes(bytes(MIB))
@@ -89,8 +92,12 @@ def test_copy_from_pipe_fills_whole_buffers(tmp_path, overlap):
             writes.append(count)
             super().write(view, count)
 
+        def write_at(self, view, count, offset):
+            writes.append(count)
+            super().write_at(view, count, offset)
+
     with Recording(str(disk)) as writer:
-        host.copy_stream(pipe.reader, writer, 65536, overlap=overlap)
+        host.copy_stream(pipe.reader, writer, 65536, **mode)
         writer.sync()
     assert writes == [65536, 65536, 65536, 777]
     assert disk.read_bytes()[: len(data)] == data
@@ -156,7 +163,9 @@ def test_o_direct_really_used_on_loop_device(tmp_path):
 
 
 @pytest.mark.root
-def test_deploy_onto_loop_device_byte_for_byte(tmp_path, site):
+@pytest.mark.parametrize("writers", [1, 3])
+def test_deploy_onto_loop_device_byte_for_byte(tmp_path, site, writers):
+    site.write_config(COPY_WRITERS=writers, COPY_BUFFER_SIZE="256K")
     data = os.urandom(5 * MIB + 511)
     (site.images / "l.img").write_bytes(data)
     backing = tmp_path / "backing"
@@ -167,6 +176,14 @@ def test_deploy_onto_loop_device_byte_for_byte(tmp_path, site):
         with open(device, "rb") as handle:
             content = handle.read()
     assert content[: len(data)] == data and content[len(data):] == b"\x55" * (8 * MIB - len(data))
+
+
+def test_parallel_writers_too_large_for_disk(tmp_path):
+    disk = tmp_path / "disk"
+    disk.write_bytes(bytes(MIB))
+    with host.DiskWriter(str(disk)) as writer, pytest.raises(host.SnfError, match="does not fit"):
+        host.copy_stream(io.BytesIO(os.urandom(3 * MIB)), writer, 256 * 1024, writers=3)
+    assert os.path.getsize(disk) == MIB
 
 
 def test_image_larger_than_disk_refused_before_writing(tmp_path, site):

@@ -473,3 +473,48 @@ def test_gpt_root_partition_one_at_the_end(machine):
     assert parts[1]["start"] + parts[1]["size"] == 256 * MIB // 512 - 2048
     assert parts[15]["size"] == 16 * 2048
     assert block_count_bytes(machine.part(device, 1)) == parts[1]["size"] * 512
+
+
+# --------------------------------------------------------------------------
+# btrfs with the system in subvolumes (@, @home), grown while mounted
+# --------------------------------------------------------------------------
+
+def test_btrfs_subvolume_root_grown_mounted(machine):
+    require_programs("mkfs.btrfs", "btrfs")
+    image = make_mbr_disk(machine.tmp, 260 * MIB, ["label: dos", "start=2048, type=83"], {})
+    device = machine.attach(image)
+    sh("mkfs.btrfs", "-q", "-f", machine.part(device, 1))
+    top = machine.tmp / "check"
+    top.mkdir()
+    sh("mount", machine.part(device, 1), top)
+    try:
+        sh("btrfs", "subvolume", "create", top / "@")
+        sh("btrfs", "subvolume", "create", top / "@home")
+        debian_tree(top / "@")
+        (top / "@/etc/fstab").write_text("/dev/sda1 / btrfs subvol=@,compress=zstd 0 0\n"
+                                         "/dev/sda1 /home btrfs subvol=@home 0 0\n")
+        (top / "@home/marker").write_text("home subvolume\n")
+    finally:
+        sh("umount", top)
+    sh("losetup", "-d", device)
+    machine.devices.remove(device)
+    grow(image, 600 * MIB)
+    device = machine.attach(image)
+    env = {"SNF_IMAGE_DEV": device, "SNF_IMAGE_RESIZE_PART": "1",
+           "SNF_IMAGE_PROPERTY_OSFAMILY": "linux", "SNF_IMAGE_PROPERTY_ROOT_PARTITION": "1",
+           "SNF_IMAGE_HOSTNAME": "vm-btrfs"}
+    for task in ("10FixPartitionTable", "20FilesystemResizeUnmounted", "30MountImage"):
+        machine.run(task, env)
+    assert (machine.target / "etc/debian_version").exists()
+    assert (machine.target / "home/marker").read_text() == "home subvolume\n"
+    for task in ("40FilesystemResizeMounted", "50AssignHostname", "80UmountImage"):
+        machine.run(task, env)
+    sh("mount", machine.part(device, 1), top)
+    try:
+        usage = sh("btrfs", "filesystem", "show", "--raw", top).stdout
+        size = int(usage.split("devid")[1].split("size")[1].split()[0])
+        parts = table(device)["partitions"]
+        assert size == parts[0]["size"] * 512
+        assert (top / "@/etc/hostname").read_text() == "vm-btrfs\n"
+    finally:
+        sh("umount", top)

@@ -447,6 +447,9 @@ def test_render_ifupdown_and_link_files():
     links = NETWORK.render_link_files(plans)
     assert links["/etc/systemd/network/10-snf-image-eth1.link"].endswith(
         "[Match]\nMACAddress=aa:00:00:00:00:02\n\n[Link]\nName=eth1\n")
+    bare = plans_for({"MAC": "aa:00:00:00:00:07", "NETWORK_SUBNET": "10.9.0.0/24"}, DHCP)
+    assert "allow-hotplug eth0\niface eth0 inet manual\n" in \
+        NETWORK.render_ifupdown(bare)["/etc/network/interfaces"]
     rules = NETWORK.render_udev_rules(plans)["/etc/udev/rules.d/70-snf-image-net.rules"]
     assert 'ATTR{address}=="aa:00:00:00:00:01", NAME="eth0"' in rules
 

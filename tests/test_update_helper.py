@@ -6,6 +6,9 @@ manifest, export/import and the atomic switch of `current`."""
 import bz2
 import gzip
 import hashlib
+import importlib.machinery
+import importlib.util
+import io
 import json
 import lzma
 import os
@@ -167,15 +170,13 @@ def cpio_listing(archive_bytes, tmp_path):
 
 def test_cpio_writer_is_read_by_cpio(tmp_path):
     require_programs("cpio")
-    import io
     stream = io.BytesIO()
-    archive = builder.CpioWriter(stream)
-    archive.add_directory("dir")
-    archive.add_file("dir/file", b"hello world\n", 0o640)
-    archive.add_file("odd", b"x" * 5, 0o755)  # lengths that need padding
-    archive.add_symlink("dir/link", "file")
-    archive.add_char_device("console", 5, 1)
-    archive.close()
+    with builder.CpioWriter(stream) as archive:
+        archive.add_directory("dir")
+        archive.add_file("dir/file", b"hello world\n", 0o640)
+        archive.add_file("odd", b"x" * 5, 0o755)  # lengths that need padding
+        archive.add_symlink("dir/link", "file")
+        archive.add_char_device("console", 5, 1)
     listing = cpio_listing(stream.getvalue(), tmp_path)
     assert len(listing) == 5
     assert listing[0].startswith("drwxr-xr-x") and listing[0].endswith(" dir")
@@ -504,3 +505,19 @@ def test_failed_root_stage_leaves_no_cache_and_no_release(tmp_path, capsys, monk
     assert len(err) == 1 and message in err[0]
     assert [p.name for p in (tmp_path / "cache").iterdir() if p.name.startswith((".rootfs", "rootfs"))] == []
     assert not (tmp_path / "hd" / "current").exists()
+
+
+def test_installed_builder_takes_helper_and_tasks_from_datadir(tmp_path):
+    """Installed as $(SBINDIR)/snf-image-update-helper (no checkout around it),
+    the builder installs $(DATADIR)/helper/{snf-image-helper.py,tasks.d}."""
+    installed = tmp_path / "sbin" / "snf-image-update-helper"
+    installed.parent.mkdir()
+    installed.write_bytes((Path(builder.__file__)).read_bytes())
+    loader = importlib.machinery.SourceFileLoader("installed_builder", str(installed))
+    module = importlib.util.module_from_spec(importlib.util.spec_from_loader("installed_builder", loader))
+    loader.exec_module(module)
+    program, tasks = module.default_helper_sources()
+    assert program == Path("/usr/local/share/snf-image/helper/snf-image-helper.py")
+    assert tasks == Path("/usr/local/share/snf-image/helper/tasks.d")
+    program, tasks = builder.default_helper_sources()
+    assert program.parent == tasks.parent == Path(builder.__file__).resolve().parent

@@ -211,3 +211,40 @@ def test_sigterm_during_multistrap_leaves_nothing_behind(tmp_path):
     assert not (helper_dir / "current").exists()
     leftovers = subprocess.run(["pgrep", "-f", str(cache)], capture_output=True, text=True).stdout
     assert leftovers.strip() == ""
+
+
+def settings_for(helper_dir):
+    args = builder.build_arg_parser().parse_args(["--helper-dir", str(helper_dir)])
+    return builder.load_settings(args, environ={"SNF_IMAGE_CONFIG": "/dev/null"})
+
+
+@pytest.mark.qemu
+def test_module_tree_in_the_root_loads_filesystems_in_the_vm(helper_vm_dir):
+    """modprobe inside the booted helper (the builder's boot-check as init):
+    the pruned, depmod'ed tree has what the tasks mount; a missing module fails."""
+    require_programs("qemu-system-x86_64")
+    settings = settings_for(helper_vm_dir)
+    release = builder.current_release(helper_vm_dir)
+    wanted = "xfs,btrfs,vfat,msdos,loop,fuse,isofs,squashfs,nls_utf8,nls_cp437"
+    ok, _seconds, reason = builder.boot_once(settings, release, "tcg", 600, boot_check=True,
+                                             append_extra=(f"snf_image_boot_check_modules={wanted}",))
+    assert ok, reason
+    ok, _seconds, reason = builder.boot_once(settings, release, "tcg", 600, boot_check=True,
+                                             append_extra=("snf_image_boot_check_modules=no_such_module",))
+    assert not ok and "no_such_module" in reason
+
+
+@pytest.mark.qemu
+def test_initrd_powers_off_when_the_root_disk_is_missing(helper_vm_dir, tmp_path):
+    """No hang: without its root disk the initrd says why and powers off."""
+    require_programs("qemu-system-x86_64")
+    release = builder.current_release(helper_vm_dir)
+    argv = builder.qemu_command(settings_for(helper_vm_dir), release, "tcg", tmp_path)
+    drive = argv.index("-drive")
+    del argv[drive:drive + 4]  # the root -drive and its -device
+    assert "serial=snf-helper-root" not in " ".join(argv)
+    proc = subprocess.run(argv, capture_output=True, timeout=300)
+    console = (tmp_path / "console").read_text(errors="replace")
+    assert "root disk snf-helper-root" in console and "did not appear" in console
+    assert (tmp_path / "result").read_bytes() == b""
+    assert proc.returncode == 0

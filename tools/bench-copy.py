@@ -8,7 +8,8 @@ process start included) and by `dd bs=1M oflag=direct` and
 `dd bs=4M oflag=direct` (both with conv=notrunc,fsync, since ours fsyncs too),
 interleaved round by round. Prints MiB/s medians per tool and target and the
 median throughput ratio ours / better dd (goal ≥ 1.0). Also measures ours
-without read/write overlap (COPY_OVERLAP=no), to show what the overlap buys.
+without read/write overlap (COPY_OVERLAP=no) and with 4 writes in flight
+(COPY_WRITERS=4), to show what each buys.
 Needs root (loop device). Usage: bench-copy.py [--size-mib N] [--rounds N] [--dir DIR]
 """
 
@@ -75,18 +76,19 @@ def main():
         variants.mkdir()
         (variants / "default.conf").write_text("")
         configs = {}
-        for overlap in ("yes", "no"):
-            conf = work / f"conf-{overlap}"
-            conf.write_text(f'IMAGE_DIR="{images}"\nVARIANTS_DIR="{variants}"\nCOPY_OVERLAP="{overlap}"\n'
-                            'PROGRESS_INTERVAL="600"\n')
-            configs[overlap] = dict(os.environ, SNF_IMAGE_CONFIG=str(conf))
+        for name, extra in (("default", ""), ("serial", 'COPY_OVERLAP="no"\n'),
+                            ("writers", 'COPY_WRITERS="4"\n')):
+            conf = work / f"conf-{name}"
+            conf.write_text(f'IMAGE_DIR="{images}"\nVARIANTS_DIR="{variants}"\nPROGRESS_INTERVAL="600"\n'
+                            + extra)
+            configs[name] = dict(os.environ, SNF_IMAGE_CONFIG=str(conf))
         subprocess.run(["cat", str(image)], stdout=subprocess.DEVNULL, check=True)   # warm page cache
         # Warm-up: allocate the (sparse) backing files once, so no tool pays for it in round 1.
         for target in (loop, file_target):
             timed(["dd", f"if={image}", f"of={target}", "bs=4M", "oflag=direct", "conv=notrunc,fsync",
                    "status=none"])
 
-        def ours(target, overlap="yes"):
+        def ours(target, overlap="default"):
             return [PYTHON, str(HOST), "deploy", "--disk", str(target), "--img-id", "bench.img",
                     "--img-format", "diskdump", "--no-helper"], configs[overlap]
 
@@ -96,7 +98,8 @@ def main():
 
         tools = {
             "ours": lambda t: ours(t),
-            "ours (no overlap)": lambda t: ours(t, "no"),
+            "ours (no overlap)": lambda t: ours(t, "serial"),
+            "ours (4 writers)": lambda t: ours(t, "writers"),
             "dd bs=1M oflag=direct": lambda t: dd(t, "1M"),
             "dd bs=4M oflag=direct": lambda t: dd(t, "4M"),
         }
@@ -130,8 +133,9 @@ def main():
                                                                rates[(target_name, "dd bs=1M oflag=direct")],
                                                                rates[(target_name, "dd bs=4M oflag=direct")]))
             overlap_gain = medians["ours"] / medians["ours (no overlap)"]
+            writers_gain = medians["ours (4 writers)"] / medians["ours"]
             print(f"{target_name:<12} ratio ours / better dd = {ratio:.2f} (median of per-round ratios "
-                  f"{paired:.2f})   overlap vs no overlap: {overlap_gain:.2f}x")
+                  f"{paired:.2f}); overlap vs none: {overlap_gain:.2f}x; 4 writers vs 1: {writers_gain:.2f}x")
         print()
         print("bench-copy: median throughput ratio ours / better dd: "
               + ", ".join(f"{name} {r:.2f}" for name, r in zip(targets, ratios))

@@ -177,7 +177,10 @@ systemctl --no-block poweroff
 REPORT_UNIT = """[Unit]
 Description=snf-image test report on the serial port, then power off
 Wants=network-online.target
-After=network-online.target cloud-final.service
+# Not After=cloud-final.service: on Debian that is ordered after
+# multi-user.target, which wants this unit (an ordering cycle). The script
+# waits for the whole boot, cloud-init's stages included.
+After=network-online.target
 ConditionPathExists=!/var/lib/snf-test-report/reported
 
 [Service]

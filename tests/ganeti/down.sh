@@ -67,8 +67,9 @@ elif [ -e "$SNF_GNT_STATE/file-storage-paths.absent" ]; then
 fi
 if [ -e "$SNF_GNT_STATE/srv-ganeti" ]; then
   # up.sh created /srv/ganeti: remove the directories again if they are empty
+  # (an OS definition still installed keeps them; the marker then stays too)
   rmdir "$SNF_GNT_FILE_DIR" "$SNF_GNT_SHARED_DIR" "$SNF_GNT_OS_DIR" /srv/ganeti 2>/dev/null
-  rm -f "$SNF_GNT_STATE/srv-ganeti"
+  [ -e /srv/ganeti ] || rm -f "$SNF_GNT_STATE/srv-ganeti"
 fi
 if [ "${SNF_GNT_PURGE_LOGS:-0}" = 1 ]; then
   find /var/log/ganeti -mindepth 1 -maxdepth 1 -exec rm -rf {} + 2>/dev/null

@@ -18,7 +18,10 @@ if [ -s /var/lib/ganeti/config.data ] && [ ! -e "$SNF_GNT_STATE/cluster" ]; then
 fi
 mkdir -p "$SNF_GNT_STATE"
 # gnt-cluster init records the node's SSH host key, so one must exist
-ls /etc/ssh/ssh_host_*_key.pub >/dev/null 2>&1 || die "no SSH host key in /etc/ssh (ssh-keygen -A)"
+if ! ls /etc/ssh/ssh_host_*_key.pub >/dev/null 2>&1; then
+  snf_gnt_log "no SSH host key: generating them (ssh-keygen -A), as openssh-server's installation does"
+  ssh-keygen -A
+fi
 # cron would run ganeti-watcher outside the namespace
 if pgrep -x cron >/dev/null 2>&1; then
   snf_gnt_log "WARNING: cron is running; /etc/cron.d/ganeti would run ganeti-watcher outside the namespace"
