@@ -28,6 +28,8 @@ install:
 	install -m 755 snf-image-host.py $(DESTDIR)$(OSDIR)/snf-image-host.py
 	for f in $(OS_SCRIPTS); do install -m 755 os-def/$$f $(DESTDIR)$(OSDIR)/$$f; done
 	for f in $(OS_DATA); do install -m 644 os-def/$$f $(DESTDIR)$(OSDIR)/$$f; done
+	# bytecode for the production interpreter, so no OS script pays the compile
+	-PYTHONDONTWRITEBYTECODE= /usr/bin/python3 -m py_compile $(DESTDIR)$(OSDIR)/snf-image-host.py
 	install -d -m 755 $(DESTDIR)$(SBINDIR) $(DESTDIR)$(DATADIR)/helper/tasks.d
 	install -m 755 snf-image-update-helper.py $(DESTDIR)$(SBINDIR)/snf-image-update-helper
 	install -m 644 snf-image-helper.py $(DESTDIR)$(DATADIR)/helper/snf-image-helper.py

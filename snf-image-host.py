@@ -19,30 +19,29 @@ import sys
 if sys.version_info < (3, 11):
     sys.exit("ERROR: snf-image-host.py needs Python 3.11 or newer")
 
-import base64
-import binascii
+# Only what every verb needs is imported here: the OS scripts start a fresh
+# interpreter for each operation, and a `create` whose image copy takes well
+# under a second would otherwise spend a measurable part of it importing
+# modules it never uses. Modules needed by one path only (checksums, base64
+# checks, temporary directories, the helper VM's selectors loop, argparse for
+# `deploy`, urllib.request) are imported in the function that uses them.
 import errno
 import fcntl
-import hashlib
 import io
 import json
 import mmap
 import os
 import queue
 import re
-import secrets
-import selectors
 import shlex
-import shutil
 import signal
 import stat
 import struct
 import subprocess
-import tempfile
 import threading
 import time
 import urllib.parse
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 # ---------------------------------------------------------------------------
@@ -233,6 +232,7 @@ def open_url(url, timeout=60):
     plain = urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, parts.query, ""))
     user = urllib.parse.unquote(parts.username)
     password = urllib.parse.unquote(parts.password or "")
+    import base64
     token = base64.b64encode(f"{user}:{password}".encode()).decode()
     request = urllib.request.Request(plain, headers={"Authorization": "Basic " + token})
     return urllib.request.urlopen(request, timeout=timeout)
@@ -633,6 +633,8 @@ def _validate_personality(text):
         contents = entry.get("contents")
         if not isinstance(contents, str):
             return f"{where}: contents (base64) is missing"
+        import base64
+        import binascii
         try:
             base64.b64decode(contents, validate=True)
         except (binascii.Error, ValueError):
@@ -685,6 +687,8 @@ def validate_parameters(params, require_image=True):
         if problem:
             problems.append("Invalid OS parameter " + problem)
     if "cloud_userdata" in params and params["cloud_userdata"] != "":
+        import base64
+        import binascii
         try:
             base64.b64decode("".join(params["cloud_userdata"].split()), validate=True)
         except (binascii.Error, ValueError):
@@ -967,6 +971,7 @@ class CountingReader:
 
 class HashingReader:
     def __init__(self, raw, algorithm, expected_hex, description):
+        import hashlib
         self.raw = raw
         self.hash = hashlib.new(algorithm)
         self.algorithm, self.expected, self.description = algorithm, expected_hex.lower(), description
@@ -1703,6 +1708,7 @@ def build_mbr(boot_code, image_format, image_size):
     end = start + sectors - 1
     entry = (bytes((0x80,)) + _chs(start) + bytes((partition_type,)) + _chs(end)
              + struct.pack("<II", start, sectors))
+    import secrets
     signature = 0
     while signature == 0:
         signature = secrets.randbits(32)
@@ -1736,6 +1742,7 @@ def private_temp_dir(base=None):
         base.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as exc:
         raise SnfError(f"cannot create the temporary directory {base}: {exc.strerror}") from None
+    import tempfile
     return tempfile.TemporaryDirectory(prefix="deploy-", dir=str(base))
 
 
@@ -1838,6 +1845,7 @@ def make_floppy(workdir, config, rules, params):
                     what="creating the rules floppy", debug=config.IMAGE_DEBUG)
         return floppy
     finally:
+        import shutil
         shutil.rmtree(content, ignore_errors=True)
 
 
@@ -1893,6 +1901,8 @@ def probe_accelerator(qemu, accel, timeout=KVM_PROBE_TIMEOUT):
     message = KVM_PROBE_MESSAGE + b"\r\n\0"
     sector = KVM_PROBE_CODE + message
     sector = sector + bytes(510 - len(sector)) + b"\x55\xaa"
+    import selectors
+    import tempfile
     with tempfile.TemporaryDirectory(prefix="snf-image-probe-") as workdir:
         disk = os.path.join(workdir, "probe.img")
         Path(disk).write_bytes(sector)
@@ -2052,6 +2062,7 @@ def run_qemu_helper(build_argv, config, monitor, workdir):
 
 
 def _supervise(process, readers, config, monitor):
+    import selectors
     console = LineRelay("HELPER: ", keep=3)
     qemu_output = LineRelay("qemu: ", keep=3)
     protocol = HelperProtocol(monitor)
@@ -2172,11 +2183,13 @@ def deploy_image(config, monitor, environ, params, disks, instance, run_helper):
         raise SnfError("img_id null (keep the disk) works only with img_format diskdump", 2)
     release = None
     if run_helper:      # fail before the disk is touched when the helper cannot run at all
+        import shutil
         release = resolve_helper(config.HELPER_DIR)
         for program in (config.QEMU[0], config.MKFS_EXT2[0]):
             if shutil.which(program) is None:
                 raise SnfError(f"program {program} not found (needed for the helper VM)")
-    with private_temp_dir(config.TEMP_DIR) as workdir:
+    # the work directory holds the floppy: only the helper VM needs one
+    with private_temp_dir(config.TEMP_DIR) if run_helper else nullcontext() as workdir:
         with open_image_source(config, img_id, image_format) as source:
             copy_image(config, monitor, source, disks[0], image_format, boot_code, filesystem_dump)
         if not run_helper:

@@ -613,6 +613,7 @@ def test_add_deploys_debian_without_leaking_the_password(
 REPORT_BEGIN = "==SNF-REPORT-BEGIN=="
 REPORT_END = "==SNF-REPORT-END=="
 REPORT_KEYS_USED = {"hostname", "etc_hostname", "ip_addr", "ip_route", "authorized_keys:root"}
+KERNEL_MESSAGE = re.compile(r"\[ *\d+\.\d+\] [^\n]*\n")
 REPORT_LINE = re.compile(r'\{"key":"[^"]*","rc":-?\d+,"b64":"[A-Za-z0-9+/=]*"\}')
 
 
@@ -621,6 +622,8 @@ def parse_report(console_text):
     may be interleaved with it on the console, so lines are picked out by
     their exact shape."""
     body = console_text.split(REPORT_BEGIN, 1)[1].split(REPORT_END, 1)[0]
+    # a kernel message printed in the middle of a report line splits it: drop it
+    body = KERNEL_MESSAGE.sub("", body)
     report = {}
     for line in REPORT_LINE.findall(body):
         item = json.loads(line)

@@ -375,7 +375,9 @@ def test_gpt_xfs_root_netplan(machine):
     assert "No problems found" in sh("sgdisk", "-v", device).stdout
     parts = {int(p["node"].rsplit("p", 1)[1]): p for p in table(device)["partitions"]}
     total = 600 * MIB // 512
-    assert parts[3]["type"] == "0657FD6D-A4AB-4C6F-8479-AD5D94C9845D"
+    swap_types = [line.split()[0] for line in sh("sfdisk", "--label", "gpt", "--list-types")
+                  .stdout.splitlines() if line.endswith(" Linux swap")]
+    assert [parts[3]["type"]] == swap_types == ["0657FD6D-A4AB-43C4-84E5-0933C84B4F4F"]
     assert parts[3]["start"] + parts[3]["size"] == total - 2048
     with machine.mounted(device, 2) as root:
         info = sh("xfs_info", root).stdout
@@ -436,6 +438,13 @@ def test_unknown_user_and_unresolvable_fstab_fail_loudly(machine):
     assert "User `nobody' does not exist" in result.stderr
     assert TEST_PASSWORD not in result.stderr
     assert (machine.target / "etc/shadow").read_text() == shadow_before
+    for properties, message in (({"SNF_IMAGE_PROPERTY_SWAP": "1:8"}, "is the root partition"),
+                                ({"SNF_IMAGE_PROPERTY_SWAP": "1:8",
+                                  "SNF_IMAGE_PROPERTY_ROOT_PARTITION": "2"}, "is mounted")):
+        result = machine.run("50AddSwap", dict(env, **properties), check=False)
+        assert result.returncode == 1 and message in result.stderr.splitlines()[-1]
+    assert sh("blkid", "-p", "-o", "value", "-s", "TYPE",
+              machine.part(device, 1)).stdout.strip() == "ext4"
     machine.run("80UmountImage", env)
 
 

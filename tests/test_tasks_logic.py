@@ -282,6 +282,13 @@ def test_never_shrinks_and_swap_needs_room():
         plan("dos", [P(1, 2048, MIB, "83")], (2, 10_000))
 
 
+def test_mbr_growth_stops_where_32_bit_entries_end():
+    (change,) = plan("dos", [P(1, 2048, MIB, "83")], total=2**33)
+    assert change.start + change.size <= 2**32 - 1
+    (change,) = plan("gpt", [P(1, 2048, MIB, "X")], total=2**33)
+    assert change.start + change.size == 2**33 - MIB
+
+
 def test_swap_number_rules():
     with pytest.raises(TaskError, match="already exists"):
         plan("dos", [P(1, 2048, MIB, "83"), P(2, 2 * MIB, MIB, "83")], (1, 8))
@@ -517,6 +524,10 @@ def make_tree(base, files):
     ({"/etc/network/interfaces": "", "/usr/sbin/NetworkManager": "",
       "/etc/sysconfig/network-scripts": None}, "nm"),
     ({"/etc/sysconfig/network-scripts": None}, "ifcfg"),
+    ({"/etc/sysconfig/network-scripts": None, "/usr/sbin/NetworkManager": "",
+      "/etc/NetworkManager/NetworkManager.conf": "[main]\nplugins=ifcfg-rh\n"}, "ifcfg"),
+    ({"/etc/sysconfig/network-scripts": None, "/usr/sbin/NetworkManager": "",
+      "/etc/NetworkManager/NetworkManager.conf": "[main]\nplugins=ifcfg-rh,keyfile\n"}, "nm"),
     ({"/etc/systemd/network": None}, None),
 ])
 def test_detect_backend_by_content(tmp_path, files, expected):

@@ -7,6 +7,7 @@ task.  Tasks that only edit files need no disk; ownership needs root."""
 import base64
 import json
 import os
+import shutil
 import stat
 import subprocess
 from pathlib import Path
@@ -281,3 +282,47 @@ def test_custom_task(run, tmp_path):
     result = run("70RunCustomTask", root, {"SNF_IMAGE_PROPERTY_CUSTOM_TASK": "%%%"},
                  check=False)
     assert result.stderr.splitlines()[-1] == "ERROR: CUSTOM_TASK property is not valid base64"
+
+
+def test_cloud_init_personality_script_runs_in_the_guest(run, tmp_path):
+    """The first-boot script, run in a chroot of the tree with busybox as its shell."""
+    require_root()
+    root = tree(tmp_path / "root", dict(BASE, **{"/home/debian": None, "/bin": None}))
+    os.chown(root / "home/debian", 1000, 1000)
+    busybox = shutil.which("busybox")
+    if busybox is None:
+        pytest.skip("needs busybox")
+    shutil.copy(busybox, root / "bin/busybox")
+    for applet in ("sh", "mkdir", "chown", "chgrp", "rm"):
+        (root / "bin" / applet).symlink_to("busybox")
+    # Debian's static busybox has no `install`: the host's, with its libraries
+    install = shutil.which("install")
+    libraries = [token for line in subprocess.run(["ldd", install], capture_output=True,
+                                                  text=True, check=True).stdout.splitlines()
+                 for token in line.split() if token.startswith("/")]
+    for path in libraries:
+        destination = root / path.lstrip("/")
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(os.path.realpath(path), destination)
+    shutil.copy(install, root / "bin/install")
+    files = [{"path": "/home/debian/notes/deep/todo.txt", "owner": "debian", "group": "debian",
+              "mode": 384, "contents": base64.b64encode(b"todo\n").decode()},
+             {"path": "/etc/snf/motd", "contents": base64.b64encode(b"motd\n").decode()}]
+    run("60EnforcePersonality", root, {"SNF_IMAGE_PROPERTY_CLOUD_INIT": "yes",
+                                       "SNF_IMAGE_PERSONALITY": json.dumps(files)})
+    assert not (root / "home/debian/notes").exists()
+    per_once = root / "var/lib/cloud/scripts/per-once"
+    (script,) = per_once.glob("inject_files-*.sh")
+    subprocess.run([shutil.which("chroot"), str(root), "/bin/sh", "/" + str(script.relative_to(root))],
+                   check=True, env={"PATH": "/bin"})
+    todo = root / "home/debian/notes/deep/todo.txt"
+    assert todo.read_text() == "todo\n"
+    assert (todo.stat().st_uid, todo.stat().st_gid, stat.S_IMODE(todo.stat().st_mode)) == \
+        (1000, 1000, 0o600)
+    for directory in ("home/debian/notes", "home/debian/notes/deep"):
+        info = (root / directory).stat()
+        assert (info.st_uid, info.st_gid, stat.S_IMODE(info.st_mode)) == (1000, 1000, 0o750)
+    motd = (root / "etc/snf/motd").stat()
+    assert (motd.st_uid, stat.S_IMODE(motd.st_mode)) == (0, 0o440)
+    assert stat.S_IMODE((root / "etc/snf").stat().st_mode) == 0o750
+    assert list(per_once.iterdir()) == [], "the script removes its data and itself"

@@ -521,3 +521,41 @@ def test_installed_builder_takes_helper_and_tasks_from_datadir(tmp_path):
     assert tasks == Path("/usr/local/share/snf-image/helper/tasks.d")
     program, tasks = builder.default_helper_sources()
     assert program.parent == tasks.parent == Path(builder.__file__).resolve().parent
+
+
+def test_upstream_multistrap_keys_are_opt_in_and_change_the_cache_key(tmp_path):
+    settings = settings_from([], "", tmp_path)
+    assert settings.multistrap_config is None and settings.apt_pref_dir is None
+    prefs = tmp_path / "prefs"
+    prefs.mkdir()
+    (prefs / "pin.pref").write_text("Package: *\nPin: release n=trixie\nPin-Priority: 500\n")
+    custom = tmp_path / "multistrap.conf"
+    custom.write_text(builder.multistrap_config("trixie", "http://m/debian", builder.HELPER_PACKAGES))
+    settings = settings_from([], f'MULTISTRAP_CONFIG="{custom}"\nMULTISTRAP_APTPREFDIR="{prefs}"\n', tmp_path)
+    assert settings.multistrap_config == custom and settings.apt_pref_dir == prefs
+    plain = builder.root_cache_key("trixie", "http://m/debian")
+    with_prefs = builder.root_cache_key("trixie", "http://m/debian", None, prefs)
+    with_both = builder.root_cache_key("trixie", "http://m/debian", custom, prefs)
+    assert len({plain, with_prefs, with_both}) == 3
+    (prefs / "pin.pref").write_text("Package: *\nPin: release n=bookworm\nPin-Priority: 500\n")
+    assert builder.root_cache_key("trixie", "http://m/debian", None, prefs) != with_prefs
+
+
+@pytest.mark.parametrize("key", ["MULTISTRAP_CONFIG", "MULTISTRAP_APTPREFDIR"])
+def test_missing_upstream_multistrap_paths_are_errors(tmp_path, key):
+    with pytest.raises(HelperError, match=key):
+        settings_from([], f'{key}="{tmp_path}/missing"\n', tmp_path)
+
+
+def test_import_warns_about_another_snf_image_version(tmp_path, capsys):
+    source_dir = tmp_path / "node1"
+    release = fake_release(source_dir, "20260101T000000Z-0123abcd")
+    manifest = json.loads((release / "manifest.json").read_text())
+    manifest["snf_image_version"] = "0.23.1"
+    (release / "manifest.json").write_text(json.dumps(manifest))
+    builder.switch_current(source_dir, release)
+    archive = tmp_path / "helper.tar"
+    builder.export_release(helper_settings(tmp_path, source_dir), archive)
+    builder.import_release(helper_settings(tmp_path, tmp_path / "node2"), archive)
+    assert "built for snf-image 0.23.1" in capsys.readouterr().err
+    assert (tmp_path / "node2" / "current").resolve().name == release.name

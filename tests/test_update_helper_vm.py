@@ -189,10 +189,12 @@ def test_sigterm_during_multistrap_leaves_nothing_behind(tmp_path):
     require_programs("multistrap")
     cache = tmp_path / "cache"
     helper_dir = tmp_path / "hd"
+    temp = tmp_path / "tmp"
+    temp.mkdir()
     proc = subprocess.Popen([sys.executable, str(REPO / "snf-image-update-helper.py"),
                              "--helper-dir", str(helper_dir), "--cache-dir", str(cache)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, SNF_IMAGE_CONFIG="/dev/null"))
+                            env=dict(os.environ, SNF_IMAGE_CONFIG="/dev/null", TMPDIR=str(temp)))
     try:
         deadline = time.monotonic() + 120
         while not list(cache.glob(".rootfs-*/root/etc")) and time.monotonic() < deadline:
@@ -209,6 +211,7 @@ def test_sigterm_during_multistrap_leaves_nothing_behind(tmp_path):
     assert err.strip().splitlines() == ["Error: terminated by signal 15"]
     assert not list(cache.glob(".rootfs-*")) and not list(cache.glob("rootfs-*"))
     assert not (helper_dir / "current").exists()
+    assert list(temp.iterdir()) == []
     leftovers = subprocess.run(["pgrep", "-f", str(cache)], capture_output=True, text=True).stdout
     assert leftovers.strip() == ""
 
@@ -248,3 +251,19 @@ def test_initrd_powers_off_when_the_root_disk_is_missing(helper_vm_dir, tmp_path
     assert "root disk snf-helper-root" in console and "did not appear" in console
     assert (tmp_path / "result").read_bytes() == b""
     assert proc.returncode == 0
+
+
+def test_helper_library_is_precompiled_for_the_read_only_root(helper_vm_dir, tmp_path):
+    """The root cannot store .pyc files at run time: the builder compiled
+    snf_image_helper (imported by every Python task) with the root's python3,
+    as unchecked hash-based .pyc files."""
+    require_programs("debugfs")
+    image = (helper_vm_dir / "current").resolve() / "image"
+    listing = debugfs(image, "ls /usr/lib/snf-image-helper/__pycache__")
+    names = [word for word in listing.split() if word.endswith(".pyc")]
+    assert len(names) == 1 and names[0].startswith("snf_image_helper.cpython-3")
+    dumped = tmp_path / "helper.pyc"
+    subprocess.run(["debugfs", "-R", f"dump /usr/lib/snf-image-helper/__pycache__/{names[0]} {dumped}",
+                    str(image)], capture_output=True, check=True)
+    flags = struct.unpack_from("<I", dumped.read_bytes(), 4)[0]
+    assert flags == 0b01, "hash-based, source not checked"

@@ -10,6 +10,12 @@ interleaved round by round. Prints MiB/s medians per tool and target and the
 median throughput ratio ours / better dd (goal ≥ 1.0). Also measures ours
 without read/write overlap (COPY_OVERLAP=no) and with 4 writes in flight
 (COPY_WRITERS=4), to show what each buys.
+Ours is started the way Ganeti starts it: snf-image-host.py is installed in
+an OS directory of the work dir with its bytecode precompiled (as `make
+install` does), next to a `deploy` wrapper made from os-def/create by
+changing only the verb, so the same loader (the module, not a script, with
+its __pycache__) runs; PYTHONDONTWRITEBYTECODE is removed from its
+environment, as production has no such variable.
 Needs root (loop device). Usage: bench-copy.py [--size-mib N] [--rounds N] [--dir DIR]
 """
 
@@ -27,7 +33,32 @@ REPO = Path(__file__).resolve().parent.parent
 # The os-def wrappers run /usr/bin/python3: measure with the production interpreter.
 PYTHON = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
 HOST = REPO / "snf-image-host.py"
+CREATE_WRAPPER = REPO / "os-def" / "create"
 MIB = 1024 * 1024
+
+
+def install_os_dir(os_dir):
+    """snf-image-host.py + its bytecode + a `deploy` wrapper made from os-def/create."""
+    os_dir.mkdir()
+    shutil.copy2(HOST, os_dir / HOST.name)
+    wrapper = CREATE_WRAPPER.read_text()
+    verb = ' create "$@"\n'
+    if wrapper.count(verb) != 1 or not wrapper.endswith(verb):
+        sys.exit(f"bench-copy: {CREATE_WRAPPER} does not end with{verb.rstrip()}: cannot derive the deploy wrapper")
+    deploy = os_dir / "deploy"
+    deploy.write_text(wrapper[:-len(verb)] + ' deploy "$@"\n')
+    deploy.chmod(0o755)
+    subprocess.run([PYTHON, "-m", "py_compile", str(os_dir / HOST.name)], check=True,
+                   env=production_environment())
+    if not list((os_dir / "__pycache__").glob(HOST.stem + ".*.pyc")):
+        sys.exit(f"bench-copy: no bytecode was written for {HOST.name} in {os_dir}")
+    return deploy
+
+
+def production_environment(**extra):
+    environment = {key: value for key, value in os.environ.items() if key != "PYTHONDONTWRITEBYTECODE"}
+    environment.update(extra)
+    return environment
 
 
 def make_image(path, size):
@@ -72,6 +103,7 @@ def main():
                 handle.truncate(size + 64 * MIB)
         loop = subprocess.run(["losetup", "--show", "-f", str(loop_backing)], capture_output=True,
                               text=True, check=True).stdout.strip()
+        deploy = install_os_dir(work / "os")
         variants = work / "variants"
         variants.mkdir()
         (variants / "default.conf").write_text("")
@@ -81,7 +113,7 @@ def main():
             conf = work / f"conf-{name}"
             conf.write_text(f'IMAGE_DIR="{images}"\nVARIANTS_DIR="{variants}"\nPROGRESS_INTERVAL="600"\n'
                             + extra)
-            configs[name] = dict(os.environ, SNF_IMAGE_CONFIG=str(conf))
+            configs[name] = production_environment(SNF_IMAGE_CONFIG=str(conf))
         subprocess.run(["cat", str(image)], stdout=subprocess.DEVNULL, check=True)   # warm page cache
         # Warm-up: allocate the (sparse) backing files once, so no tool pays for it in round 1.
         for target in (loop, file_target):
@@ -89,7 +121,7 @@ def main():
                    "status=none"])
 
         def ours(target, overlap="default"):
-            return [PYTHON, str(HOST), "deploy", "--disk", str(target), "--img-id", "bench.img",
+            return [str(deploy), "--disk", str(target), "--img-id", "bench.img",
                     "--img-format", "diskdump", "--no-helper"], configs[overlap]
 
         def dd(target, block):
@@ -104,6 +136,7 @@ def main():
             "dd bs=4M oflag=direct": lambda t: dd(t, "4M"),
         }
         targets = {"loop device": loop, "file": file_target}
+        timed(*ours(file_target))     # ours once too: its bytecode is then read from a warm cache
         rates = {(t, name): [] for t in targets for name in tools}
         for round_number in range(options.rounds):
             for target_name, target in targets.items():

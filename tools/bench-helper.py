@@ -7,17 +7,24 @@ real helper (built by the real builder, cached by tests/helpervm.py, with an
 empty tasks directory and EXCLUDE_ALL_TASKS) under TCG with the command line
 of DESIGN.md §4 and a real floppy, until it writes SUCCESS and powers off.
 
+The helper is launched by the host program's own launcher
+(snf-image-host.py: make_floppy + run_helper_vm, i.e. exactly what `create`
+does after the copy); `--launcher qemu` runs qemu directly with the command
+line of DESIGN.md §4 instead.
+
 In the same run it boots the same helper from the compressed bzImage instead
 of the PVH vmlinux as the baseline and prints the ratio. Runs alternate
 between the two so that load from other processes hits both alike.
 Goal (issue 3): median ≤ 7 s under TCG on our 2-core machines.
 
-Usage: python3 tools/bench-helper.py [--runs N] [--accel tcg|kvm]
+Usage: python3 tools/bench-helper.py [--runs N] [--accel tcg|kvm] [--launcher host|qemu]
 """
 
 import argparse
+import contextlib
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -29,6 +36,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
 import helpervm  # noqa: E402  (the test fixture module builds and caches the helper)
+from conftest import load_script  # noqa: E402
 
 GOAL_SECONDS = 7.0
 TIMEOUT_SECONDS = 180
@@ -103,10 +111,74 @@ def boot(release, kernel, floppy, disk, accel):
         return elapsed, usage.ru_utime + usage.ru_stime
 
 
+@contextlib.contextmanager
+def stderr_to(path):
+    """The host relays the helper's console to stderr: keep it in a file."""
+    saved = os.dup(2)
+    try:
+        with open(path, "ab") as target:
+            os.dup2(target.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+class HostLauncher:
+    """Boots the helper through snf-image-host.py's launcher, as `create` does."""
+
+    def __init__(self, work, helper_dir, accel):
+        self.host = load_script("snf-image-host.py")
+        self.work = work
+        config_file = work / "snf-image.conf"
+        config_file.write_text(f'HELPER_DIR="{helper_dir}"\nHELPER_ACCEL="{accel}"\n'
+                               'HELPER_SOFT_TIMEOUT="5m"\n')
+        self.config = self.host.load_config({"SNF_IMAGE_CONFIG": str(config_file)})
+        disk = work / "disk0.img"
+        with open(disk, "wb") as stream:
+            stream.truncate(64 << 20)
+        self.disks = [self.host.Disk(0, path=str(disk))]
+        self.log = work / "host-log"
+
+    def boot(self, release):
+        """(wall seconds of run_helper_vm including the floppy, qemu CPU seconds)."""
+        run_dir = self.work / "run"
+        run_dir.mkdir()
+        rules = {"format": 1, "disks": ["snf-disk0"],
+                 "env": {"SNF_IMAGE_TYPE": "diskdump", "SNF_IMAGE_HOSTNAME": "bench.example.org",
+                         "SNF_IMAGE_PROPERTIES": json.dumps({"EXCLUDE_ALL_TASKS": "yes"}),
+                         "SNF_IMAGE_NIC_COUNT": "0"}}
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        try:
+            with stderr_to(self.log), self.host.Monitor([], "bench") as monitor:
+                started = time.monotonic()
+                floppy = self.host.make_floppy(str(run_dir), self.config, rules, {})
+                self.host.run_helper_vm(self.config, monitor, str(release), self.disks, floppy, str(run_dir))
+                elapsed = time.monotonic() - started
+        except self.host.SnfError as err:
+            raise SystemExit(f"Error: the host launcher failed: {err} (log {self.log})") from None
+        finally:
+            subprocess.run(["rm", "-rf", str(run_dir)], check=True)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return elapsed, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def baseline_release(release, work):
+    """The same release with the bzImage as kernel (a directory of links)."""
+    baseline = work / "baseline-release"
+    baseline.mkdir()
+    for name in ("initrd", "image", "manifest.json"):
+        (baseline / name).symlink_to(release / name)
+    (baseline / "kernel").symlink_to(release / "vmlinuz")
+    return baseline
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--accel", default="tcg", choices=("tcg", "kvm"))
+    parser.add_argument("--launcher", default="host", choices=("host", "qemu"),
+                        help="snf-image-host.py's launcher (default) or qemu directly")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="bench-helper-tasks.") as empty_tasks:
@@ -116,19 +188,26 @@ def main():
     manifest = json.loads((release / "manifest.json").read_text())
     print(f"helper {release} (kernel {manifest['kernel_version']}, {manifest['kernel_format']}, "
           f"Debian {manifest['suite']})")
-    variants = {"pvh-vmlinux": release / "kernel", "bzImage (baseline)": release / "vmlinuz"}
-    times = {name: [] for name in variants}
-    cpu_times = {name: [] for name in variants}
+    print(f"launcher: {'snf-image-host.py (make_floppy + run_helper_vm)' if args.launcher == 'host' else 'qemu directly'}")
+    times = {name: [] for name in ("pvh-vmlinux", "bzImage (baseline)")}
+    cpu_times = {name: [] for name in times}
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="bench-helper.") as tmp:
         work = Path(tmp)
-        floppy = make_floppy(work)
-        disk = work / "disk0.img"
-        with open(disk, "wb") as stream:
-            stream.truncate(64 << 20)
+        variants = {"pvh-vmlinux": (release, release / "kernel"),
+                    "bzImage (baseline)": (baseline_release(release, work), release / "vmlinuz")}
+        if args.launcher == "host":
+            launcher = HostLauncher(work, helper_dir, args.accel)
+            boot_variant = lambda variant_release, _kernel: launcher.boot(variant_release)  # noqa: E731
+        else:
+            floppy = make_floppy(work)
+            disk = work / "disk0.img"
+            with open(disk, "wb") as stream:
+                stream.truncate(64 << 20)
+            boot_variant = lambda _release, kernel: boot(release, kernel, floppy, disk, args.accel)  # noqa: E731
         for run in range(args.runs):
-            for name, kernel in variants.items():
-                seconds, cpu = boot(release, kernel, floppy, disk, args.accel)
+            for name, (variant_release, kernel) in variants.items():
+                seconds, cpu = boot_variant(variant_release, kernel)
                 times[name].append(seconds)
                 cpu_times[name].append(cpu)
                 print(f"run {run + 1}/{args.runs} {name:20s} {seconds:6.2f} s  (qemu CPU {cpu:5.2f} s)",
@@ -136,7 +215,8 @@ def main():
     medians = {name: statistics.median(values) for name, values in times.items()}
     pvh, baseline = medians["pvh-vmlinux"], medians["bzImage (baseline)"]
     print()
-    print(f"helper overhead, qemu start → exit, no tasks, {args.accel}, {args.runs} runs "
+    measured = "floppy + qemu start → exit" if args.launcher == "host" else "qemu start → exit"
+    print(f"helper overhead ({measured}), no tasks, {args.accel}, {args.runs} runs "
           f"(load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after, "
           f"{os.cpu_count()} CPUs):")
     for name, values in times.items():

@@ -286,10 +286,12 @@ def mounted(device, mountpoint):
         yield Path(mountpoint)
     finally:
         subprocess.run([PROGRAMS["sync"]], check=False)
-        for attempt in range(5):
+        for _ in range(5):
             if subprocess.run([PROGRAMS["umount"], str(mountpoint)]).returncode == 0:
                 break
             time.sleep(1)
+        else:
+            log(f"warning: could not unmount {mountpoint}")
 
 
 @contextlib.contextmanager
@@ -404,6 +406,12 @@ def customize(root, recipe, uuids):
         dbus_machine_id.parent.mkdir(parents=True, exist_ok=True)
         dbus_machine_id.symlink_to("/etc/machine-id")
     write(root, "etc/resolv.conf", "")
+    # No `locales` package: C.UTF-8 is the locale glibc always has.
+    write(root, "etc/default/locale", "LANG=C.UTF-8\n")
+    if recipe["cloud_init"]:
+        # Otherwise cloud-init's locale module runs locale-gen/update-locale for
+        # en_US.UTF-8, which fails without `locales` and fails cloud-config.service.
+        write(root, "etc/cloud/cloud.cfg.d/01-snf-test-image.cfg", "locale: C.UTF-8\n")
 
     with chroot_mounts(root):
         run(["chroot", str(root), "useradd", "--create-home", "--uid", "1000",
