@@ -1124,6 +1124,10 @@ class LocalSource(ImageSource):
             self.file = open(path, "rb", buffering=0)
         except OSError as exc:
             raise SnfError(f"cannot open image file {path}: {exc.strerror}") from None
+        try:    # read once, front to back: the kernel doubles its read-ahead
+            os.posix_fadvise(self.file.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        except OSError:
+            pass
         self.size = os.fstat(self.file.fileno()).st_size
         reader = self.file
         checksum = self.find_checksum(path)
@@ -1520,6 +1524,24 @@ class CopyProgress:
         log(f"{self.label}: {human_size(position)}{of_total}, {rate:.0f} MiB/s")
 
 
+def copy_buffer(size):
+    """A page-aligned anonymous buffer for O_DIRECT, on transparent huge pages
+    when the kernel gives them (THP "always" or "madvise"; else plain pages).
+
+    A 4 MiB buffer is then 2 physically contiguous 2 MiB pages instead of 1024
+    scattered 4 KiB ones: an O_DIRECT write pins 2 pages and becomes one
+    block request where 4 KiB pages need several (virtio-blk takes at most
+    254 segments per request), and reading into it misses the TLB less.
+    Private, not shared: nothing else maps it.
+    """
+    buffer = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        buffer.madvise(mmap.MADV_HUGEPAGE)
+    except (AttributeError, OSError):       # no THP in this kernel or Python build
+        pass
+    return buffer
+
+
 def copy_stream(reader, writer, buffer_size, progress=None, overlap=True, prefix=b"", writers=1):
     """Copy reader → writer in full, aligned buffers; returns the byte count.
 
@@ -1537,7 +1559,7 @@ def copy_stream(reader, writer, buffer_size, progress=None, overlap=True, prefix
         total += len(prefix)
     if writers > 1 and hasattr(writer, "write_at"):
         return total + _parallel_copy(reader, writer, buffer_size, progress, writers, total)
-    buffers = [mmap.mmap(-1, buffer_size) for _ in range(3 if overlap else 1)]
+    buffers = [copy_buffer(buffer_size) for _ in range(3 if overlap else 1)]
     try:
         blocks = _overlapped_blocks(reader, buffers) if overlap else _serial_blocks(reader, buffers[0])
         for view, count in blocks:
@@ -1560,7 +1582,7 @@ def _parallel_copy(reader, writer, buffer_size, progress, writers, start):
 
     The final short block is written last, alone (it clears O_DIRECT on the fd).
     """
-    views = [memoryview(mmap.mmap(-1, buffer_size)) for _ in range(writers + 2)]
+    views = [memoryview(copy_buffer(buffer_size)) for _ in range(writers + 2)]
     free, work = queue.Queue(), queue.Queue()
     for view in views:
         free.put(view)

@@ -38,7 +38,7 @@ class Nic:
     """A virtio NIC on its own qemu user-mode network (restrict=on)."""
     mac: str
     net: str = "10.0.2.0/24"              # the user-mode network's IPv4 subnet (DHCP pool)
-    ipv6_prefix: str = "fec0::"           # prefix announced by router advertisements
+    ipv6_prefix: str = "2001:db8:ff::"    # announced by router advertisements (global scope)
     ipv6_prefixlen: int = 64
 
     @property

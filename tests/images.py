@@ -9,7 +9,9 @@ one build instead of racing, and reuses the cache as long as the recipe
 Callers must not modify the image (copy it, or boot it with snapshot=True).
 
 Layouts: 'mbr' (MBR, one ext4 root, extlinux, ifupdown), 'gpt' (GPT, /boot,
-swap, root last, systemd-networkd), 'mbr-cloudinit' (mbr with cloud-init).
+swap, root last, systemd-networkd), 'gpt-cloud' (numbered like Debian's official
+cloud images: 14 BIOS boot, 15 ESP at /boot/efi, root = partition 1 but last
+on the disk), 'mbr-cloudinit' (mbr with cloud-init).
 """
 
 import os
@@ -18,7 +20,7 @@ from conftest import CACHE_DIR, load_script
 
 SUITE = os.environ.get("SNF_IMAGE_TEST_SUITE", "bookworm")
 IMAGES_DIR = CACHE_DIR / "images"
-LAYOUTS = ("mbr", "gpt", "mbr-cloudinit")
+LAYOUTS = ("mbr", "gpt", "gpt-cloud", "mbr-cloudinit")
 
 
 def builder():

@@ -68,18 +68,29 @@ class Scenario:
     layout: str
     instance: str
     properties: dict
-    swap_partition: int       # the partition number SWAP asks for (0: a cloud-init swap file)
+    swap_partition: int       # the swap partition SWAP asks for (0: cloud-init makes a swap file)
     root_partition: int
 
 
 SCENARIOS = {
-    # Image properties given, as a Synnefo image registry would.
-    "mbr": Scenario("mbr", "vm1.example.org", {"OSFAMILY": "linux", "ROOT_PARTITION": "1"},
+    # Image properties given, as a Synnefo image registry would; a new primary
+    # swap partition 2 after the grown root.
+    "mbr": Scenario("mbr", "vm1.example.org",
+                    {"OSFAMILY": "linux", "ROOT_PARTITION": "1", "SWAP": f"2:{SWAP_MIB}"},
                     swap_partition=2, root_partition=1),
-    # No OSFAMILY / ROOT_PARTITION: the helper detects them (root is partition 3).
-    "gpt": Scenario("gpt", "vm2.example.org", {}, swap_partition=4, root_partition=3),
+    # No OSFAMILY / ROOT_PARTITION: the helper detects them (root is partition 3,
+    # the last one); the image's own swap partition 2 stays, a new one 4 is added.
+    "gpt": Scenario("gpt", "vm2.example.org", {"SWAP": f"4:{SWAP_MIB}"},
+                    swap_partition=4, root_partition=3),
+    # Numbered like Debian's official cloud images: root is partition 1 but the
+    # last on the disk, after 14 (BIOS boot) and 15 (ESP, vfat /boot/efi in
+    # fstab); autodetection; the new swap partition 2 comes after the root.
+    "gpt-cloud": Scenario("gpt-cloud", "vm4.example.org", {"SWAP": f"2:{SWAP_MIB}"},
+                          swap_partition=2, root_partition=1),
+    # cloud-init does the growing, and turns SWAP into a swap file.
     "mbr-cloudinit": Scenario("mbr-cloudinit", "vm3.example.org",
-                              {"OSFAMILY": "linux", "ROOT_PARTITION": "1", "CLOUD_INIT": "yes"},
+                              {"OSFAMILY": "linux", "ROOT_PARTITION": "1", "CLOUD_INIT": "yes",
+                               "SWAP": f"2:{SWAP_MIB}"},
                               swap_partition=0, root_partition=1),
 }
 
@@ -181,8 +192,6 @@ def deploy_and_boot(scenario, workdir):
     files, personality_json = personality()
     properties = dict(scenario.properties, USERS="root debian",
                       CUSTOM_TASK=base64.b64encode(CUSTOM_TASK.encode()).decode())
-    if scenario.swap_partition or scenario.layout == "mbr-cloudinit":
-        properties["SWAP"] = f"{scenario.swap_partition or 2}:{SWAP_MIB}"
     osparams = {"img_id": image.name, "img_format": "diskdump", "img_passwd": password,
                 "img_properties": json.dumps(properties), "img_personality": personality_json,
                 "auth_keys": "\n".join(keys) + "\n"}
@@ -246,7 +255,7 @@ def test_root_filesystem_fills_the_disk(deployment):
     assert root_end >= DISK_SIZE - swap_bytes - 4 * MIB, table
     size = int(deployment.report.text("df_root").splitlines()[1].split()[2])
     assert size >= 0.95 * root["size"] * 512
-    if deployment.scenario.layout == "gpt":
+    if deployment.scenario.layout.startswith("gpt"):
         assert table["label"] == "gpt"
         # The backup GPT header was moved to the end of the larger disk.
         assert table["lastlba"] >= DISK_SIZE // 512 - 34
@@ -264,7 +273,7 @@ def test_swap(deployment):
                     if p["node"].rsplit("img", 1)[1] == str(deployment.scenario.swap_partition))
         assert part["size"] * 512 == SWAP_MIB * MIB
         assert part["type"] == ("0657FD6D-A4AB-43C4-84E5-0933C84B4F4F"
-                                if deployment.scenario.layout == "gpt" else "82"), part
+                                if deployment.scenario.layout.startswith("gpt") else "82"), part
         uuid_line = [line for line in report.text("fstab").splitlines() if "swap" in line.split()[2:3]]
         assert any(line.split()[0].strip('"').startswith("UUID=") for line in uuid_line)
     else:

@@ -264,3 +264,54 @@ def test_mbr_chs_and_random_signature():
     assert first[446 + 1:446 + 4] == bytes((32, 33, 0))   # LBA 2048 = C0/H32/S33
     huge = host.build_mbr(code, "ntfsdump", 100 * 1024 * MIB)
     assert huge[446 + 5:446 + 8] == bytes((254, 255, 255))
+
+
+def _mapping_flags(address):
+    """VmFlags of the mapping of this process that contains address."""
+    current = None
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            start, end = (int(part, 16) for part in head.split("-"))
+            current = start <= address < end
+        elif head == "VmFlags:" and current:
+            return line.split()[1:]
+    raise AssertionError(f"no mapping contains {address:#x}")
+
+
+@pytest.mark.parametrize("size", [4096, MIB, 4 * MIB, 6 * MIB])
+def test_copy_buffer_is_aligned_private_and_asks_for_huge_pages(size):
+    """O_DIRECT needs page alignment; the buffer asks for transparent huge pages
+    (VM_HUGEPAGE, 'hg' in VmFlags) when the kernel has THP, and is not shared."""
+    import ctypes
+    buffer = host.copy_buffer(size)
+    try:
+        assert len(buffer) == size
+        anchor = ctypes.c_char.from_buffer(buffer)
+        address = ctypes.addressof(anchor)
+        del anchor
+        assert address % 4096 == 0
+        flags = _mapping_flags(address)
+        assert "sh" not in flags
+        if Path("/sys/kernel/mm/transparent_hugepage/enabled").exists():
+            assert "hg" in flags
+        buffer[:] = b"\xa5" * size      # writable, and whole
+        assert buffer[size - 1] == 0xA5
+    finally:
+        buffer.close()
+
+
+def test_no_helper_deploy_needs_no_work_directory(tmp_path, site):
+    """The work directory holds the helper's floppy: `deploy --no-helper` creates
+    none (an unusable TEMP_DIR does not matter), and the data still lands."""
+    data = os.urandom(MIB + 4096)
+    (site.images / "w.img").write_bytes(data)
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    site.write_config(TEMP_DIR=blocker / "run")
+    disk = tmp_path / "disk"
+    disk.write_bytes(bytes(2 * MIB))
+    result = site.deploy("--disk", disk, "--img-id", "w.img", "--img-format", "diskdump", "--no-helper")
+    assert result.returncode == 0, last_line(result)
+    assert disk.read_bytes()[:len(data)] == data
+    assert blocker.read_text() == ""

@@ -12,7 +12,7 @@ import pytest
 
 import guest
 from conftest import require_programs, require_root
-from images import LAYOUTS, debian_image
+from images import LAYOUTS, builder, debian_image
 
 MIB = 1024 * 1024
 GIB = 1024 * MIB
@@ -49,6 +49,44 @@ def test_parse_report_without_end_marker_fails():
         guest.parse_report(guest.REPORT_BEGIN + "\n" + encode("hostname", 0, b"x"), console="boot\nlog")
 
 
+def test_mirror_comes_from_the_host_apt_sources(tmp_path, monkeypatch):
+    tool = builder()
+    sources = tmp_path / "debian.sources"
+    sources.write_text("Types: deb\nURIs: http://mirror.example/debian\nSuites: bookworm\n"
+                       "Components: main\n\nTypes: deb\nURIs: http://mirror.example/debian-security\n"
+                       "Suites: bookworm-security\nComponents: main\n")
+    monkeypatch.setattr(tool, "APT_SOURCES", sources)
+    assert tool.host_debian_mirror("bookworm") == "http://mirror.example/debian"
+    monkeypatch.setattr(tool, "APT_SOURCES", tmp_path / "absent")
+    monkeypatch.setattr(tool, "LEGACY_APT_SOURCES", tmp_path / "absent")
+    with pytest.raises(tool.BuildError, match="no Debian mirror"):
+        tool.host_debian_mirror("bookworm")
+
+
+def test_recipe_hash_depends_on_what_the_image_is_built_from():
+    tool = builder()
+    base = tool.short_hash(tool.recipe_for("mbr", "bookworm", "http://a/debian", 1024))
+    assert base == tool.short_hash(tool.recipe_for("mbr", "bookworm", "http://a/debian", 1024))
+    for other in (("gpt", "bookworm", "http://a/debian", 1024), ("mbr", "trixie", "http://a/debian", 1024),
+                  ("mbr", "bookworm", "http://b/debian", 1024), ("mbr", "bookworm", "http://a/debian", 2048)):
+        assert tool.short_hash(tool.recipe_for(*other)) != base
+    assert "cloud-init" in tool.recipe_for("mbr-cloudinit", "bookworm", "http://a/debian", 1024)["packages"]
+    with pytest.raises(tool.BuildError, match="unknown layout"):
+        tool.recipe_for("zfs", "bookworm", "http://a/debian", 1024)
+
+
+@pytest.mark.qemu
+def test_guest_that_never_reports_times_out_and_qemu_is_killed(tmp_path):
+    require_programs(guest.QEMU)
+    disk = tmp_path / "blank.img"
+    disk.write_bytes(bytes(1024 * 1024))          # SeaBIOS: no bootable device, forever
+    with pytest.raises(guest.GuestError, match="did not report .timed out after 15 s"):
+        guest.boot(disk, NICS[:1], timeout=15, keep_dir=tmp_path / "logs")
+    leftovers = subprocess.run(["pgrep", "-f", str(disk)], capture_output=True, text=True).stdout
+    assert leftovers == ""
+    assert (tmp_path / "logs" / "console.log").exists()
+
+
 # ----------------------------------------------------------------- images on disk
 
 @pytest.fixture(scope="module", params=LAYOUTS)
@@ -82,6 +120,17 @@ def test_image_layout(image):
         assert len(parts) == 1 and parts[0]["bootable"] and parts[0]["type"] == "83"
         assert filesystem_type(path, parts[0]["start"] * 512) == "ext4"
         assert boot_code == open("/usr/lib/syslinux/mbr/mbr.bin", "rb").read()[:440]
+    elif layout == "gpt-cloud":
+        assert table["label"] == "gpt"
+        numbered = {int(p["node"].rsplit("img", 1)[1]): p for p in parts}
+        assert sorted(numbered) == [1, 14, 15]
+        root, bios_boot, esp = numbered[1], numbered[14], numbered[15]
+        assert bios_boot["type"] == "21686148-6449-6E6F-744E-656564454649"
+        assert esp["type"] == "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
+        assert root["start"] > esp["start"] > bios_boot["start"], "root is numbered 1 but comes last"
+        assert "LegacyBIOSBootable" in root.get("attrs", "")
+        assert filesystem_type(path, esp["start"] * 512) == "vfat"
+        assert filesystem_type(path, root["start"] * 512) == "ext4"
     else:
         assert table["label"] == "gpt"
         boot, swap, root = parts
@@ -105,7 +154,7 @@ def test_pristine_image_boots_and_reports(image, tmp_path):
     assert report.text("hostname").strip() == "snf-test-image"
     assert report.text("system_state").strip() == "running"
     assert report.text("failed_units").strip() == ""
-    assert report.text("fstab").count("UUID=") == (3 if layout == "gpt" else 1)
+    assert report.text("fstab").count("UUID=") == {"gpt": 3, "gpt-cloud": 2}.get(layout, 1)
     size = int(report.text("df_root").splitlines()[1].split()[2])
     assert 0.6 * GIB < size < GIB
     assert len(report.text("machine_id").strip()) == 32

@@ -527,3 +527,18 @@ def test_btrfs_subvolume_root_grown_mounted(machine):
         assert (top / "@/etc/hostname").read_text() == "vm-btrfs\n"
     finally:
         sh("umount", top)
+
+
+def test_lvm_root_is_refused_clearly(machine):
+    require_programs("pvcreate")
+    image = make_mbr_disk(machine.tmp, 40 * MIB, ["label: dos", "start=2048, type=8e"], {})
+    device = machine.attach(image)
+    sh("pvcreate", "-ff", "-y", machine.part(device, 1), stdin=subprocess.DEVNULL)
+    env = {"SNF_IMAGE_DEV": device, "SNF_IMAGE_PROPERTY_OSFAMILY": "linux",
+           "SNF_IMAGE_PROPERTY_ROOT_PARTITION": "1"}
+    result = machine.run("30MountImage", env, check=False)
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1] == (
+        "ERROR: Partition 1 is an LVM physical volume: not supported "
+        "(the helper has no device-mapper)")
+    assert not os.path.ismount(machine.target)

@@ -94,6 +94,25 @@ if stty -F /dev/ttyS1 raw -echo 2>/dev/null && printf '\n' > /dev/ttyS1 2>/dev/n
     OUT=/dev/ttyS1
 fi
 
+settle_network() {
+    # Give DHCP leases and router advertisements on the links that are up a
+    # moment to arrive (boot may finish first), and DAD time to end.
+    for family in 4 6; do
+        tries=0
+        while [ "$tries" -lt 30 ]; do
+            missing=0
+            for dev in $(ip -o link show up | awk -F': ' '{print $2}' | cut -d@ -f1); do
+                [ "$dev" = lo ] && continue
+                ip -o "-$family" addr show dev "$dev" scope global | grep -q . || missing=1
+            done
+            ip -o addr | grep -q tentative && missing=1
+            [ "$missing" -eq 0 ] && break
+            tries=$((tries + 1))
+            sleep 1
+        done
+    done
+}
+
 item() {
     key=$1; shift
     "$@" > "$TMP" 2>&1
@@ -162,6 +181,7 @@ report() {
     item journal_warnings sh -c 'journalctl -b -p warning --no-pager -o short-monotonic | tail -n 300'
 }
 
+settle_network
 {
     echo "==SNF-REPORT-BEGIN=="
     report
@@ -442,11 +462,6 @@ def customize(root, recipe, uuids):
         online.mkdir(parents=True, exist_ok=True)
         (online / "systemd-networkd-wait-online.service").symlink_to(
             "/lib/systemd/system/systemd-networkd-wait-online.service")
-        # Only the links that have a configuration count: do not wait 2 min for a
-        # NIC that the deployment left unconfigured.
-        write(root, "etc/systemd/system/systemd-networkd-wait-online.service.d/any.conf",
-              "[Service]\nExecStart=\nExecStart=/lib/systemd/systemd-networkd-wait-online"
-              " --any --timeout=90\n")
 
     write(root, "usr/local/sbin/snf-test-report", REPORT_SCRIPT, 0o755)
     write(root, "etc/systemd/system/snf-test-report.service", REPORT_UNIT)
