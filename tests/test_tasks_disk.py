@@ -267,6 +267,8 @@ def test_mbr_image_all_linux_tasks(machine):
         for line in shadow[:2]:
             hashed = line.split(":")[1]
             assert hashed.startswith("$6$") and system_crypt(TEST_PASSWORD, hashed) == hashed
+        # a salt of its own for each user: the hashes do not tell the password is shared
+        assert shadow[0].split(":")[1] != shadow[1].split(":")[1]
         assert shadow[2] == "userx:!:19000:0:99999:7:::"
         for home, uid in (("root", 0), ("home/user", 1000)):
             keys = root / home / ".ssh/authorized_keys"
