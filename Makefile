@@ -34,7 +34,7 @@ install:
 	install -m 755 snf-image-update-helper.py $(DESTDIR)$(SBINDIR)/snf-image-update-helper
 	install -m 644 snf-image-helper.py $(DESTDIR)$(DATADIR)/helper/snf-image-helper.py
 	rm -f $(DESTDIR)$(DATADIR)/helper/tasks.d/*
-	for f in tasks.d/*; do install -m 755 $$f $(DESTDIR)$(DATADIR)/helper/tasks.d/; done
+	for f in tasks.d/*; do if [ -x $$f ]; then m=755; else m=644; fi; install -m $$m $$f $(DESTDIR)$(DATADIR)/helper/tasks.d/; done
 	install -m 644 defaults.example $(DESTDIR)$(DATADIR)/defaults.example
 	install -d -m 755 $(DESTDIR)$(SYSCONFDIR)/default $(DESTDIR)$(VARIANTSDIR) \
 		$(DESTDIR)$(BACKENDSCONFDIR)/src $(DESTDIR)$(BACKENDSCONFDIR)/dst

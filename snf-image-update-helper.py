@@ -288,10 +288,13 @@ class Settings:
 
 
 def default_helper_sources():
-    """snf-image-helper.py and tasks.d: next to this script in a checkout, else DATADIR."""
+    """snf-image-helper.py and tasks.d: next to this script in a checkout, else
+    PREFIX/share/snf-image/helper for the PREFIX/sbin it was installed into
+    (`make install SBINDIR=… DATADIR=…` with the same prefix), else DATADIR."""
     here = Path(__file__).resolve().parent
-    if (here / "snf-image-helper.py").exists():
-        return here / "snf-image-helper.py", here / "tasks.d"
+    for directory in (here, here.parent / "share" / "snf-image" / "helper"):
+        if (directory / "snf-image-helper.py").exists():
+            return directory / "snf-image-helper.py", directory / "tasks.d"
     return DATADIR_HELPER / "snf-image-helper.py", DATADIR_HELPER / "tasks.d"
 
 
