@@ -1401,43 +1401,35 @@ class DiskWriter:
             self._write_all(view, aligned, count)
 
     def seek(self, offset):
-        os.lseek(self.fd, offset, os.SEEK_SET)
-        self.position = offset
+        self.position = offset      # every write is a pwrite() at self.position
 
     def write_at(self, view, count, offset):
         """pwrite() a full, aligned buffer at offset (thread-safe: no shared file position)."""
         if self.size is not None and offset + count > self.size:
             raise SnfError(f"the image does not fit on disk {self.path}: it is larger than the "
                            f"disk ({self.size} bytes)")
-        done = 0
-        while done < count:
-            try:
-                written = os.pwrite(self.fd, view[done:count], offset + done)
-            except OSError as exc:
-                if exc.errno == errno.ENOSPC:
-                    raise SnfError(f"disk {self.path} is full at byte {offset + done} "
-                                   "(the image is larger than the disk)") from None
-                raise SnfError(f"write error on disk {self.path} at byte {offset + done}: "
-                               f"{exc.strerror}") from None
-            if written <= 0:
-                raise SnfError(f"short write on disk {self.path} at byte {offset + done}")
-            done += written
+        self._pwrite_all(view, 0, count, offset)
 
     def _write_all(self, view, start, end):
-        offset = start
-        while offset < end:
+        self._pwrite_all(view, start, end, self.position)
+        self.position += end - start
+
+    def _pwrite_all(self, view, start, end, offset):
+        """Write view[start:end] at disk offset `offset`, retrying partial writes."""
+        done = start
+        while done < end:
+            at = offset + done - start
             try:
-                written = os.write(self.fd, view[offset:end])
+                written = os.pwrite(self.fd, view[done:end], at)
             except OSError as exc:
                 if exc.errno == errno.ENOSPC:
-                    raise SnfError(f"disk {self.path} is full after {self.position} bytes "
+                    raise SnfError(f"disk {self.path} is full at byte {at} "
                                    "(the image is larger than the disk)") from None
-                raise SnfError(f"write error on disk {self.path} at byte {self.position}: "
+                raise SnfError(f"write error on disk {self.path} at byte {at}: "
                                f"{exc.strerror}") from None
             if written <= 0:
-                raise SnfError(f"short write on disk {self.path} at byte {self.position}")
-            offset += written
-            self.position += written
+                raise SnfError(f"short write on disk {self.path} at byte {at}")
+            done += written
 
     def sync(self):
         try:
