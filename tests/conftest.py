@@ -62,3 +62,12 @@ def helper():
 def cache_dir():
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
     return CACHE_DIR
+
+
+@pytest.fixture(scope="module")
+def lib_dir(tmp_path_factory):
+    """SNF_IMAGE_HELPER_LIB for tasks run on the host: the helper program
+    importable as snf_image_helper, as the builder installs it in the VM."""
+    path = tmp_path_factory.mktemp("helperlib")
+    (path / "snf_image_helper.py").symlink_to(REPO / "snf-image-helper.py")
+    return path

@@ -35,13 +35,6 @@ def sh(*argv, **kwargs):
     return subprocess.run([str(a) for a in argv], capture_output=True, text=True, **kwargs)
 
 
-@pytest.fixture(scope="module")
-def lib_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("helperlib")
-    (path / "snf_image_helper.py").symlink_to(REPO / "snf-image-helper.py")
-    return path
-
-
 @pytest.fixture
 def machine(lib_dir, tmp_path):
     require_root()

@@ -20,13 +20,6 @@ TASKS = REPO / "tasks.d"
 PASSWORD = "tree-Passw0rd"
 
 
-@pytest.fixture(scope="module")
-def lib_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("helperlib")
-    (path / "snf_image_helper.py").symlink_to(REPO / "snf-image-helper.py")
-    return path
-
-
 @pytest.fixture
 def run(lib_dir, tmp_path):
     progress = tmp_path / "progress"
