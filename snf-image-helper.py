@@ -219,7 +219,7 @@ def parse_yes_no(variable, value, warn=warn):
 
 
 def check_yes_no(name, environ=None):
-    """Upstream boolean rules (inventory §7.3) for property `name`
+    """Upstream's boolean rules for property `name`
     (`CLOUD_INIT` or `SNF_IMAGE_PROPERTY_CLOUD_INIT`)."""
     variable = property_variable(name)
     environ = os.environ if environ is None else environ
@@ -250,7 +250,7 @@ def _read_text(path):
 
 
 def base_distro(root):
-    """Upstream's get_base_distro (inventory §7.8), or None with a warning."""
+    """Upstream's base-distribution detection, or None with a warning."""
     def exists(relative, kind=os.path.exists):
         return kind(os.path.join(root, relative))
 
@@ -494,7 +494,7 @@ def partition_to_resize(table):
     tasks 20/40/81 whose file system to resize, so both must agree).  On MBR:
     the primary (extended included) that ends last; if that is the extended
     partition, its logical partition that ends last (or the empty extended
-    partition itself).  Empty slots are ignored.  Upstream (inventory §7.7)
+    partition itself).  Empty slots are ignored.  Upstream
     took the highest number, which is the same on ordinary layouts but the
     wrong partition on images not numbered in disk order (Debian's cloud
     images: root 1 after 14 and 15)."""
@@ -842,7 +842,7 @@ class TaskRunner:
         self.console.line(f"finished {task.file_name}")
 
     def overwrite_script(self, task, env):
-        """The image's replacement for `task` (inventory §7.5), or None."""
+        """The image's replacement for `task` (the overwrite protocol), or None."""
         if "overwritable" not in task.attributes \
                 or not self.properties.yes("ALLOW_MOUNTED_TASK_OVERWRITING"):
             return None
@@ -1087,7 +1087,7 @@ class Deployment:
         return floppy_dir
 
     def build_environment(self, floppy_dir, hypervisor, rules_dev):
-        """The task environment of inventory §7.2 (plus SNF_IMAGE_MONITOR and
+        """Upstream's task environment (plus SNF_IMAGE_MONITOR and
         SNF_IMAGE_HELPER_LIB), with the properties decoded."""
         with open(os.path.join(floppy_dir, "rules.json"), encoding="utf-8") as handle:
             rules_env, serials = parse_rules(handle.read())

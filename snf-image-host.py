@@ -476,7 +476,7 @@ class Config:
 
 
 def load_config(environ, variant=None):
-    """Built-in defaults < configuration file < variant file (inventory §1.7)."""
+    """Built-in defaults < configuration file < variant file."""
     explicit = environ.get("SNF_IMAGE_CONFIG")
     path = explicit or DEFAULT_CONFIG_FILE
     raw = {}

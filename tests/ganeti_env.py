@@ -1,6 +1,6 @@
 """Builds the environment Ganeti 3 passes to the OS scripts, for the tests.
 
-Modelled on /work/shared/ganeti-harness/env-dumps/ (Ganeti 3.0.2): the
+Modelled on environment dumps of a real Ganeti 3.0.2: the
 common instance set for create/import/export/rename, the core set for verify,
 plus the script-specific variables (EXPORT_*/IMPORT_*/EXP_SIZE_FD,
 OLD_INSTANCE_NAME, INSTANCE_REINSTALL). Like Ganeti, the environment is

@@ -1,4 +1,4 @@
-"""snf-image proven against a real Ganeti 3.0 cluster (project issue 5).
+"""snf-image proven against a real Ganeti 3.0 cluster.
 
 A module fixture brings up a single-node cluster inside a network namespace
 (tests/ganeti/up.sh: file and sharedfile disk templates, the kvm hypervisor

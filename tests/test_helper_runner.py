@@ -1,7 +1,7 @@
 """The helper's task runner on the host: real task programs in a temporary
 tasks directory, a temporary target directory, and files standing in for the
 serial ports.  Covers C-locale ordering, the attribute line, the exclusion
-matrix (inventory §7.2), the overwrite protocol (§7.5), failure reporting
+matrix, the overwrite protocol, failure reporting
 (ERROR: line, STDERR: tail, signals), the library used from a task, and the
 worker's result line."""
 
@@ -101,7 +101,7 @@ def test_attribute_line_parsed(tmp_path):
     assert helper.read_task_attributes(str(path)) == (set(), [])
 
 
-# inventory §7.2: which property skips a task with which attribute
+# upstream's exclusion matrix: which property skips a task with which attribute
 MATRIX = [
     ("excludable", {"EXCLUDE_TASK_THETASK": "yes"}, True),
     ("excludable", {"EXCLUDE_TASK_OTHER": "yes"}, False),

@@ -15,7 +15,7 @@ line of DESIGN.md §4 instead.
 In the same run it boots the same helper from the compressed bzImage instead
 of the PVH vmlinux as the baseline and prints the ratio. Runs alternate
 between the two so that load from other processes hits both alike.
-Goal (issue 3): median ≤ 7 s under TCG on our 2-core machines.
+Goal: median ≤ 7 s under TCG on our 2-core machines.
 
 Usage: python3 tools/bench-helper.py [--runs N] [--accel tcg|kvm] [--launcher host|qemu]
 """
