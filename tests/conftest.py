@@ -71,3 +71,27 @@ def lib_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("helperlib")
     (path / "snf_image_helper.py").symlink_to(REPO / "snf-image-helper.py")
     return path
+
+
+@pytest.fixture
+def site(tmp_path):
+    """A private site configuration (IMAGE_DIR, variants, back-ends) under tmp_path."""
+    from host_testlib import Site
+    return Site(tmp_path / "site")
+
+
+@pytest.fixture
+def http_server():
+    """A real HTTP server on 127.0.0.1 with misbehaving routes."""
+    from host_testlib import HttpServer
+    server = HttpServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="session")
+def helper_vm_dir():
+    """HELPER_DIR of the helper built from the repository's tasks.d."""
+    from helpervm import built_helper_dir, require_helper_build
+    require_helper_build()
+    return built_helper_dir()

@@ -11,7 +11,7 @@ A file lock keeps two test processes from building at once.
 
 Use from a test module:
 
-    from helpervm import helper_vm_dir, built_helper_dir   # fixture + function
+    from helpervm import built_helper_dir   # (helper_vm_dir is a conftest fixture)
 
     def test_something(helper_vm_dir): ...                  # repository tasks.d
     def test_other(tmp_path):
@@ -30,8 +30,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-
-import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 BUILDER = REPO / "snf-image-update-helper.py"
@@ -148,18 +146,6 @@ def require_helper_build():
     require_programs("multistrap", "mkfs.ext4", "depmod", "qemu-system-x86_64", "cp")
 
 
-@pytest.fixture(scope="session")
-def helper_vm_dir():
-    """HELPER_DIR of the helper built from the repository's tasks.d."""
-    require_helper_build()
-    return built_helper_dir()
-
-
-@pytest.fixture(scope="session")
-def helper_vm_factory():
-    """Function tasks_dir -> HELPER_DIR, for tests with their own task set."""
-    require_helper_build()
-    return built_helper_dir
 
 
 if __name__ == "__main__":

@@ -9,8 +9,6 @@ import sys
 import threading
 from pathlib import Path
 
-import pytest
-
 from conftest import REPO
 
 HOST = REPO / "snf-image-host.py"
@@ -55,11 +53,6 @@ def last_line(result):
     text = result.stderr.decode() if isinstance(result.stderr, bytes) else result.stderr
     lines = text.strip().splitlines()
     return lines[-1] if lines else ""
-
-
-@pytest.fixture
-def site(tmp_path):
-    return Site(tmp_path / "site")
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -114,9 +107,3 @@ class HttpServer:
         self.server.shutdown()
         self.server.server_close()
 
-
-@pytest.fixture
-def http_server():
-    server = HttpServer()
-    yield server
-    server.close()

@@ -21,7 +21,6 @@ import ctypes.util
 import hashlib
 import ipaddress
 import json
-import os
 import secrets
 import subprocess
 from dataclasses import dataclass

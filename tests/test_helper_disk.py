@@ -5,9 +5,7 @@ partition auto-detection, which mounts candidate partitions read-only (root:
 each partition is attached as a read-only loop device with --offset)."""
 
 import contextlib
-import os
 import subprocess
-from pathlib import Path
 
 import pytest
 

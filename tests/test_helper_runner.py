@@ -7,9 +7,7 @@ worker's result line."""
 
 import io
 import os
-import stat
 import sys
-from pathlib import Path
 
 import pytest
 

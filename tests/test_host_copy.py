@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import load_script, require_programs, require_root
-from host_testlib import last_line, site  # noqa: F401 (fixture)
+from host_testlib import last_line
 
 host = load_script("snf-image-host.py")
 MIB = 1024 * 1024

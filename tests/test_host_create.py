@@ -13,7 +13,6 @@ import time
 import pytest
 
 import ganeti_env
-from helpervm import helper_vm_dir  # noqa: F401 (fixture)
 from host_testlib import Site
 
 pytestmark = [pytest.mark.slow, pytest.mark.qemu, pytest.mark.root]

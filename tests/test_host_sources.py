@@ -13,7 +13,7 @@ import os
 import pytest
 
 from conftest import load_script
-from host_testlib import HttpServer, Site, http_server, last_line, site  # noqa: F401 (fixtures)
+from host_testlib import HttpServer, Site, last_line
 
 host = load_script("snf-image-host.py")
 MIB = 1024 * 1024

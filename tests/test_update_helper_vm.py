@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, load_script, require_programs, require_root
-from helpervm import SUITE, built_helper_dir, helper_vm_dir  # noqa: F401  (fixture)
+from helpervm import SUITE, built_helper_dir
 
 builder = load_script("snf-image-update-helper.py")
 

@@ -17,7 +17,6 @@ demo guest is on a qemu user-mode network with restrict=on.
 """
 
 import argparse
-import base64
 import getpass
 import hashlib
 import importlib.util

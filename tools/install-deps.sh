@@ -1,6 +1,6 @@
 #!/bin/bash
 # Installs what snf-image's tests, demo and benchmarks need on a Debian 12 machine
-# (Debian packages through the host's APT sources, pytest/hypothesis through pip).
+# (Debian packages through the host's APT sources, pytest/hypothesis/pyflakes through pip).
 # Idempotent and quick when everything is already there.
 set -euo pipefail
 PACKAGES=(qemu-system-x86 qemu-utils multistrap mmdebstrap debootstrap e2fsprogs
@@ -19,7 +19,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
 PYTHON=${PYTHON:-python3}
-if ! "$PYTHON" -c 'import pytest, hypothesis' 2>/dev/null; then
-  echo "install-deps: installing pytest and hypothesis for $PYTHON" >&2
-  "$PYTHON" -m pip install -q pytest hypothesis
+if ! "$PYTHON" -c 'import pytest, hypothesis, pyflakes' 2>/dev/null; then
+  echo "install-deps: installing pytest, hypothesis and pyflakes for $PYTHON" >&2
+  "$PYTHON" -m pip install -q pytest hypothesis pyflakes
 fi
