@@ -516,6 +516,24 @@ def listed_variants():
     return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
 
 
+# Keys of /etc/default/snf-image read only by snf-image-update-helper.
+BUILDER_ONLY_SETTINGS = ("HELPER_CACHE_DIR", "MULTISTRAP_CONFIG", "MULTISTRAP_APTPREFDIR",
+                         "MKFS_EXT4", "DEPMOD", "ZSTD", "CP", "CHROOT")
+
+
+def known_config_keys():
+    """Every key a configuration or variant file may set: the settings, the
+    builder's own, the deprecated ones, and the OS parameters they may preset."""
+    return (set(SETTINGS_BY_NAME) | set(BUILDER_ONLY_SETTINGS) | set(DEPRECATED_SETTINGS)
+            | {name.upper() for name in OS_PARAMETERS})
+
+
+def closest_key_hint(name):
+    import difflib
+    matches = difflib.get_close_matches(name, sorted(known_config_keys()), n=1, cutoff=0.75)
+    return f" (did you mean {matches[0]}?)" if matches else " (ignored)"
+
+
 def finalize_config(raw):
     values = {}
     for setting in SETTINGS:
@@ -529,6 +547,8 @@ def finalize_config(raw):
     for name, message in DEPRECATED_SETTINGS.items():
         if name in raw:
             warn(f"configuration: {message}")
+    for name in sorted(set(raw) - known_config_keys()):
+        warn(f"configuration: unknown key {name}{closest_key_hint(name)}")
     if values["HELPER_HARD_TIMEOUT"] <= 0:
         values["HELPER_HARD_TIMEOUT"] = 1.0
     return Config(values, raw)

@@ -328,3 +328,21 @@ def test_unknown_verb_and_api_version(tmp_path):
     result = subprocess.run([str(os_dir / "create")], env=env, capture_output=True,
                             text=True, cwd=os_dir, timeout=60)
     assert result.returncode == 2 and "OS API version" in result.stderr.strip().splitlines()[-1]
+
+
+def test_unknown_config_key_warns_with_the_closest_known_key(capfd):
+    raw = host.parse_config_text("HELPER_SOFT_TIMOUT=10\nBOGUS_SETTING=1\nIMG_ID=debian\n"
+                                 "MULTISTRAP_CONFIG=/etc/ms.conf\nHELPER_HARD_TIMEOUT=60\n", "test")
+    config = host.finalize_config(raw)
+    err = capfd.readouterr().err
+    assert "unknown key HELPER_SOFT_TIMOUT (did you mean HELPER_SOFT_TIMEOUT?)" in err
+    assert "unknown key BOGUS_SETTING (ignored)" in err
+    # OS parameters preset by a variant, builder-only keys and settings are known
+    assert "IMG_ID" not in err and "MULTISTRAP_CONFIG" not in err and "HARD" not in err
+    assert config.HELPER_SOFT_TIMEOUT == host.finalize_config({}).HELPER_SOFT_TIMEOUT
+
+
+def test_example_configuration_has_only_known_keys():
+    import re
+    keys = set(re.findall(r"^#? ?([A-Z][A-Z0-9_]*)=", (REPO / "defaults.example").read_text(), re.M))
+    assert keys and keys <= host.known_config_keys()
