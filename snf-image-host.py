@@ -574,6 +574,7 @@ def collect_parameters(environ, config, fetch_config_url=True):
 
 
 def fetch_config_url_params(url):
+    import urllib.error   # lazy, like urllib.request in open_url
     if not re.match(r"https?://", url, re.IGNORECASE):
         raise SnfError("config_url must be an http:// or https:// URL", 2)
     log(f"Downloading configuration parameters from: {redact_url(url)}")
@@ -1208,6 +1209,7 @@ class NetworkSource(ImageSource):
     name = "network"
 
     def __init__(self, url):
+        import urllib.error   # lazy, like urllib.request in open_url
         self.url = url
         shown = redact_url(url)
         try:
@@ -1816,6 +1818,7 @@ def helper_environment(environ, params, config, image_format, instance, answer_f
 
 def fetch_answer_file(url, image_dir):
     """os_answer_file: http(s)/ftp(s), or file:// limited to IMAGE_DIR (never any host file)."""
+    import urllib.error   # lazy, like urllib.request in open_url
     parts = urllib.parse.urlsplit(url)
     if parts.scheme.lower() == "file":
         path = os.path.realpath(urllib.parse.unquote(parts.path))
