@@ -520,17 +520,15 @@ def listed_variants():
 BUILDER_ONLY_SETTINGS = ("HELPER_CACHE_DIR", "MULTISTRAP_CONFIG", "MULTISTRAP_APTPREFDIR",
                          "MKFS_EXT4", "DEPMOD", "ZSTD", "CP", "CHROOT")
 
-
-def known_config_keys():
-    """Every key a configuration or variant file may set: the settings, the
-    builder's own, the deprecated ones, and the OS parameters they may preset."""
-    return (set(SETTINGS_BY_NAME) | set(BUILDER_ONLY_SETTINGS) | set(DEPRECATED_SETTINGS)
-            | {name.upper() for name in OS_PARAMETERS})
+# Every key a configuration or variant file may set: the settings, the
+# builder's own, the deprecated ones, and the OS parameters they may preset.
+KNOWN_CONFIG_KEYS = frozenset(set(SETTINGS_BY_NAME) | set(BUILDER_ONLY_SETTINGS)
+                              | set(DEPRECATED_SETTINGS) | {name.upper() for name in OS_PARAMETERS})
 
 
 def closest_key_hint(name):
     import difflib
-    matches = difflib.get_close_matches(name, sorted(known_config_keys()), n=1, cutoff=0.75)
+    matches = difflib.get_close_matches(name, sorted(KNOWN_CONFIG_KEYS), n=1, cutoff=0.75)
     return f" (did you mean {matches[0]}?)" if matches else " (ignored)"
 
 
@@ -547,7 +545,7 @@ def finalize_config(raw):
     for name, message in DEPRECATED_SETTINGS.items():
         if name in raw:
             warn(f"configuration: {message}")
-    for name in sorted(set(raw) - known_config_keys()):
+    for name in sorted(raw.keys() - KNOWN_CONFIG_KEYS):
         warn(f"configuration: unknown key {name}{closest_key_hint(name)}")
     if values["HELPER_HARD_TIMEOUT"] <= 0:
         values["HELPER_HARD_TIMEOUT"] = 1.0

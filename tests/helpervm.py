@@ -146,8 +146,6 @@ def require_helper_build():
     require_programs("multistrap", "mkfs.ext4", "depmod", "qemu-system-x86_64", "cp")
 
 
-
-
 if __name__ == "__main__":
     started = time.monotonic()
     result = built_helper_dir(sys.argv[1] if len(sys.argv) > 1 else None)

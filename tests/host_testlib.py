@@ -106,4 +106,3 @@ class HttpServer:
     def close(self):
         self.server.shutdown()
         self.server.server_close()
-

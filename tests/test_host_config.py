@@ -345,4 +345,13 @@ def test_unknown_config_key_warns_with_the_closest_known_key(capfd):
 def test_example_configuration_has_only_known_keys():
     import re
     keys = set(re.findall(r"^#? ?([A-Z][A-Z0-9_]*)=", (REPO / "defaults.example").read_text(), re.M))
-    assert keys and keys <= host.known_config_keys()
+    assert keys and keys <= host.KNOWN_CONFIG_KEYS
+
+
+def test_every_builder_setting_is_known_to_the_host():
+    """BUILDER_ONLY_SETTINGS and the host's SETTINGS together cover the
+    builder's table, so no key the builder reads draws an unknown-key warning."""
+    builder = load_script("snf-image-update-helper.py")
+    builder_keys = {row[0] for row in builder.SETTINGS_TABLE}
+    assert builder_keys <= host.KNOWN_CONFIG_KEYS
+    assert set(host.BUILDER_ONLY_SETTINGS) <= builder_keys
