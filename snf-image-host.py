@@ -49,7 +49,7 @@ from pathlib import Path
 # Constants
 # ---------------------------------------------------------------------------
 
-VERSION = "0.24.0"
+SNF_IMAGE_VERSION = "0.24.0"      # the release; the builder writes it into every helper manifest
 OS_DIR = Path(__file__).resolve().parent
 DEFAULT_CONFIG_FILE = "/etc/default/snf-image"
 RUN_DIR = Path("/run/snf-image")

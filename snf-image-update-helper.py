@@ -51,8 +51,6 @@ if sys.version_info < (3, 11):
 # Constants
 # ---------------------------------------------------------------------------
 
-SNF_IMAGE_VERSION = "0.24.0"  # as snf-image-host.py
-
 # Bump when the root stage changes in a way the cache key does not see.
 ROOT_RECIPE_VERSION = 3
 
@@ -240,6 +238,12 @@ def host_module(environ=os.environ):
         loader.exec_module(module)
         _host_module = module
     return _host_module
+
+
+def snf_image_version():
+    """The release's version: the host program's SNF_IMAGE_VERSION (one owner;
+    the helper VM gets it through manifest.json and release.json)."""
+    return host_module().SNF_IMAGE_VERSION
 
 
 def load_host_config(overrides, environ=os.environ):
@@ -1154,7 +1158,7 @@ def make_root_image(settings, root, image):
 
 def inputs_hash(settings, root_key):
     digest = hashlib.sha256()
-    digest.update(f"{SNF_IMAGE_VERSION}\0{root_key}\0".encode())
+    digest.update(f"{snf_image_version()}\0{root_key}\0".encode())
     digest.update(Path(__file__).read_bytes())
     if settings.helper_program.exists():
         digest.update(settings.helper_program.read_bytes())
@@ -1183,7 +1187,7 @@ def assemble_release(settings, entry, releases):
         install_helper_files(root, settings.helper_program, settings.tasks_dir)
         precompile_helper_modules(settings, root)
         (root / HELPER_LIB_DIR / "release.json").write_text(json.dumps(
-            {"build_id": build_id, "snf_image_version": SNF_IMAGE_VERSION,
+            {"build_id": build_id, "snf_image_version": snf_image_version(),
              "inputs_hash": digest}, indent=1) + "\n")
         step("release: root image (mkfs.ext4 -d, no journal)")
         make_root_image(settings, root, work / "image")
@@ -1201,7 +1205,7 @@ def assemble_release(settings, entry, releases):
         manifest = {
             "format": 1,
             "build_id": build_id,
-            "snf_image_version": SNF_IMAGE_VERSION,
+            "snf_image_version": snf_image_version(),
             "suite": info["suite"],
             "mirror": info["mirror"],
             "kernel_version": info["kernel_version"],
@@ -1398,9 +1402,9 @@ def install_archive(source, releases):
             raise HelperError(f"{source}: directory {top!r} does not match build id in the manifest")
         step("import: verifying sha256 of every file against the manifest")
         verify_release(work, manifest)
-        if manifest.get("snf_image_version") != SNF_IMAGE_VERSION:
+        if manifest.get("snf_image_version") != snf_image_version():
             warn(f"release {top} was built for snf-image {manifest.get('snf_image_version')}, "
-                 f"this is {SNF_IMAGE_VERSION}")
+                 f"this is {snf_image_version()}")
         extra = {p.name for p in work.iterdir()} - {"manifest.json"} - set(manifest["files"])
         if extra:
             raise HelperError(f"{source} has files not in its manifest: {', '.join(sorted(extra))}")

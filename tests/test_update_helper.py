@@ -347,7 +347,7 @@ def fake_release(helper_dir, build_id, seed=b""):
     for name in ("kernel", "initrd", "image", "vmlinuz"):
         (release / name).write_bytes(hashlib.sha256(seed + name.encode()).digest() * 100)
         files[name] = builder.sha256_file(release / name)
-    manifest = {"format": 1, "build_id": build_id, "snf_image_version": builder.SNF_IMAGE_VERSION,
+    manifest = {"format": 1, "build_id": build_id, "snf_image_version": builder.snf_image_version(),
                 "suite": "trixie", "kernel_version": "6.12-test", "build_time": "x",
                 "inputs_hash": "0" * 64, "packages": {"python3": "3.13"}, "files": files}
     (release / "manifest.json").write_text(json.dumps(manifest))
