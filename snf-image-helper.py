@@ -489,9 +489,10 @@ class Properties:
 def partition_to_resize(table):
     """The number of the partition to grow, or None when there is none.
 
-    The partition that ENDS LAST on the disk, the rule of
-    tasks.d/10FixPartitionTable, which grows it (SNF_IMAGE_RESIZE_PART tells
-    tasks 20/40/81 whose file system to resize, so both must agree).  On MBR:
+    The one owner of the rule: tasks.d/10FixPartitionTable calls this to
+    pick the partition it grows, and SNF_IMAGE_RESIZE_PART (set from it)
+    tells tasks 20/40/81 whose file system to resize.  The partition that
+    ENDS LAST on the disk.  On MBR:
     the primary (extended included) that ends last; if that is the extended
     partition, its logical partition that ends last (or the empty extended
     partition itself).  Empty slots are ignored.  Upstream
