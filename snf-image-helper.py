@@ -52,6 +52,7 @@ DEBUG_PORT = "/dev/ttyS3"
 
 ACTIVATION_FLAG = "snf_image_activate_helper"
 CHECK_FLAG = "snf_image_check_helper"
+CHECK_MODULES_PARAMETER = "snf_image_check_modules"
 DEBUG_FLAG = "snf_image_debug_helper"
 
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -588,6 +589,17 @@ def load_modules(*names):
             print(f"Warning: modprobe {' '.join(names)} failed", file=sys.stderr, flush=True)
 
 
+def check_modules(listed):
+    """Check mode: modprobe the comma-separated modules, strictly (the
+    builder's tests prove that the pruned module tree of the root works)."""
+    modules = [name for name in listed.split(",") if name]
+    if modules:
+        result = run(["modprobe", "-a", *modules], capture=True, check=False)
+        lines = (result.stderr or "").strip().splitlines() or ["failed"]
+        if result.returncode != 0:
+            raise HelperError(f"modprobe {' '.join(modules)}: {lines[-1]}")
+
+
 def _ufs_mount_options():
     return [["-t", "ufs", "-o", "ufstype=ufs2,ro"], ["-t", "ufs", "-o", "ufstype=44bsd,ro"]]
 
@@ -1047,6 +1059,7 @@ class Deployment:
         if CHECK_FLAG in flags:        # the builder's --check: prove we boot, touch nothing
             self.console.line("check mode: the helper booted; no disk is touched")
             self.result_fd = open_port(self.result_port)
+            check_modules(parameters.get(CHECK_MODULES_PARAMETER, ""))
             return
         if ACTIVATION_FLAG not in flags:
             raise HelperError(f"Kernel command line activation flag {ACTIVATION_FLAG} is missing: "

@@ -96,7 +96,6 @@ PRUNED_PATHS = (
 HELPER_LIB_DIR = "usr/lib/snf-image-helper"
 HELPER_PROGRAM_NAME = "snf_image_helper.py"
 HELPER_INIT = "/usr/bin/snf-image-helper"
-BOOT_CHECK_PROGRAM = "boot-check"
 CHECK_FLAG = "snf_image_check_helper"
 ROOT_SERIAL = "snf-helper-root"
 
@@ -1056,56 +1055,6 @@ def prepared_root_stage(settings):
 # Release assembly
 # ---------------------------------------------------------------------------
 
-BOOT_CHECK_SOURCE = r'''#!/usr/bin/python3
-"""Boot check of the helper root, independent of snf-image-helper (installed
-by snf-image-update-helper). Used by `--check` when the helper program does
-not know snf_image_check_helper, and by the builder's tests: loads the modules
-named by snf_image_boot_check_modules=a,b,c on the kernel command line, then
-writes SUCCESS or `ERROR: <reason>` to ttyS1 and powers off."""
-import ctypes
-import os
-import subprocess
-import termios
-import tty
-
-os.environ["PATH"] = "/usr/sbin:/usr/bin:/sbin:/bin"
-
-
-def verdict():
-    modules = []
-    with open("/proc/cmdline") as cmdline:
-        for word in cmdline.read().split():
-            if word.startswith("snf_image_boot_check_modules="):
-                modules += [m for m in word.split("=", 1)[1].split(",") if m]
-    if not modules:
-        return "SUCCESS"
-    proc = subprocess.run(["modprobe", "-a", *modules], capture_output=True, text=True)
-    if proc.returncode != 0:
-        lines = proc.stderr.strip().splitlines() or ["failed"]
-        return f"ERROR: modprobe {' '.join(modules)}: {lines[-1]}"
-    return "SUCCESS"
-
-
-try:
-    result = verdict()
-except Exception as exc:  # PID 1 must report and power off whatever happens
-    result = f"ERROR: boot-check: {exc}"
-fd = os.open("/dev/ttyS1", os.O_WRONLY | os.O_NOCTTY)
-tty.setraw(fd)
-os.write(fd, result.encode() + b"\n")
-termios.tcdrain(fd)
-os.sync()
-ctypes.CDLL(None, use_errno=True).reboot(0x4321FEDC)
-'''
-
-
-def helper_supports_check(program_path):
-    try:
-        return CHECK_FLAG in Path(program_path).read_text(errors="replace")
-    except OSError:
-        return False
-
-
 def install_helper_files(root, helper_program, tasks_dir):
     lib = root / HELPER_LIB_DIR
     if lib.exists():
@@ -1113,8 +1062,6 @@ def install_helper_files(root, helper_program, tasks_dir):
     (lib / "tasks").mkdir(parents=True)
     shutil.copyfile(helper_program, lib / HELPER_PROGRAM_NAME)
     (lib / HELPER_PROGRAM_NAME).chmod(0o755)
-    (lib / BOOT_CHECK_PROGRAM).write_text(BOOT_CHECK_SOURCE)
-    (lib / BOOT_CHECK_PROGRAM).chmod(0o755)
     for task in sorted(tasks_dir.iterdir()):
         if task.is_file() and not task.name.startswith("."):
             shutil.copyfile(task, lib / "tasks" / task.name)
@@ -1213,7 +1160,6 @@ def assemble_release(settings, entry, releases):
             "build_time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "inputs_hash": digest,
             "root_stage": entry.name,
-            "check_flag": helper_supports_check(settings.helper_program),
             "tasks": sorted(p.name for p in settings.tasks_dir.iterdir()
                             if p.is_file() and not p.name.startswith(".")),
             "packages": info["packages"],
@@ -1444,16 +1390,11 @@ def qemu_command(settings, release, accel, work, kernel=None, append_extra=(), i
     return argv
 
 
-def boot_once(settings, release, accel, timeout, kernel=None, boot_check=None, append_extra=()):
-    """Boot the helper in check mode: (succeeded, seconds, reason). With
-    boot_check (default: when snf-image-helper lacks the check flag) the
-    builder's own boot-check program is init instead of snf-image-helper."""
-    if boot_check is None:
-        boot_check = not read_manifest(release).get("check_flag", False)
-    if boot_check:
-        extra, init = tuple(append_extra), f"/{HELPER_LIB_DIR}/{BOOT_CHECK_PROGRAM}"
-    else:
-        extra, init = (CHECK_FLAG, *append_extra), HELPER_INIT
+def boot_once(settings, release, accel, timeout, kernel=None, append_extra=()):
+    """Boot the helper in its check mode (snf-image-helper of the same release
+    reports SUCCESS without touching a disk; snf_image_check_modules=a,b on the
+    command line makes it load those modules first): (succeeded, seconds, reason)."""
+    extra, init = (CHECK_FLAG, *append_extra), HELPER_INIT
     with temporary_directory(tempfile.gettempdir(), "snf-image-check.") as work:
         argv = qemu_command(settings, release, accel, work, kernel, extra, init)
         started = time.monotonic()
@@ -1477,8 +1418,7 @@ def boot_once(settings, release, accel, timeout, kernel=None, boot_check=None, a
 def check(settings):
     release = current_release(settings.helper_dir)
     manifest = read_manifest(release)
-    step(f"check: booting release {release.name} ({manifest.get('kernel_format')}, "
-         f"{'snf_image_check_helper' if manifest.get('check_flag') else 'fallback boot-check init'})")
+    step(f"check: booting release {release.name} ({manifest.get('kernel_format')}, {CHECK_FLAG})")
     candidates = []
     if settings.accel in ("auto", "kvm"):
         if kvm_usable():
