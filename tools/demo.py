@@ -248,7 +248,7 @@ def main(argv=None):
         print(f"create finished in {seconds:.1f} s")
 
         step("4/5 boot the deployed disk under qemu TCG and read the guest's own report")
-        guest = load(REPO / "tests" / "guest.py", "snf_demo_guest")
+        guest = load(REPO / "tools" / "guest.py", "snf_demo_guest")
         try:
             report = guest.boot(disk, [guest.Nic(NIC_MAC)], keep_dir=work / "first-boot")
         except guest.GuestError as error:
