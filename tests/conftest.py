@@ -34,6 +34,17 @@ def require_programs(*programs):
     require(not missing, f"needs {', '.join(missing)}")
 
 
+def write_tree(root, files):
+    """Create {relative path: text} below root; a path ending in / is a directory."""
+    for name, text in files.items():
+        path = Path(root) / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if name.endswith("/"):
+            path.mkdir(exist_ok=True)
+        else:
+            path.write_text(text)
+
+
 def require_helper_build():
     """Skip (or fail in CI) where the builder cannot run."""
     require_root()

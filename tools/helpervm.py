@@ -100,9 +100,10 @@ def _prune_old(keep_path):
             shutil.rmtree(old, ignore_errors=True)
 
 
-def built_helper_dir(tasks_dir=None):
+def built_helper_dir(tasks_dir=None, show_progress=False):
     """HELPER_DIR of a helper built with tasks_dir (default: the repository's
-    tasks.d), built by the real builder on first use and cached."""
+    tasks.d), built by the real builder on first use and cached. With
+    show_progress the builder's progress lines go to our stdout."""
     tasks = Path(tasks_dir).resolve() if tasks_dir else DEFAULT_TASKS
     key = inputs_hash(tasks)
     helper_dir = cache_dir() / f"helper-{key}"
@@ -115,12 +116,13 @@ def built_helper_dir(tasks_dir=None):
                     "--suite", SUITE, "--tasks", str(tasks),
                     "--helper-program", str(HELPER_PROGRAM)]
             env = dict(os.environ, SNF_IMAGE_CONFIG="/dev/null")
-            proc = subprocess.run(argv, capture_output=True, text=True, env=env,
+            proc = subprocess.run(argv, stdout=None if show_progress else subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, env=env,
                                   timeout=BUILD_TIMEOUT, check=False)
             if proc.returncode != 0 or not _is_complete(helper_dir):
                 shutil.rmtree(helper_dir, ignore_errors=True)
                 raise RuntimeError(f"helper build failed (exit {proc.returncode}):\n"
-                                   f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+                                   f"{(proc.stdout or '')[-3000:]}\n{proc.stderr[-3000:]}")
         (helper_dir / ".last-used").touch()
     _prune_old(helper_dir)
     return helper_dir
