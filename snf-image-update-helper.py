@@ -217,42 +217,40 @@ def host_program_dirs(environ=os.environ):
     return HOST_PROGRAM_DIRS
 
 
-_host_module = None
+def load_host_module(environ=os.environ):
+    """snf-image-host.py as a module: the owner of the configuration and the version."""
+    import importlib.machinery
+    import importlib.util
+    directories = host_program_dirs(environ)
+    path = next((d / HOST_PROGRAM_NAME for d in directories if (d / HOST_PROGRAM_NAME).is_file()), None)
+    if path is None:
+        raise ConfigError(f"cannot find {HOST_PROGRAM_NAME} (it owns the configuration) in "
+                          f"{':'.join(map(str, directories))}; set SNF_IMAGE_HOST_DIRS")
+    name = "snf_image_host"
+    loader = importlib.machinery.SourceFileLoader(name, str(path))
+    module = importlib.util.module_from_spec(importlib.util.spec_from_loader(name, loader))
+    loader.exec_module(module)
+    return module
 
 
-def host_module(environ=os.environ):
-    """snf-image-host.py as a module (loaded once): the owner of the configuration."""
-    global _host_module
-    if _host_module is None:
-        import importlib.machinery
-        import importlib.util
-        directories = host_program_dirs(environ)
-        path = next((d / HOST_PROGRAM_NAME for d in directories if (d / HOST_PROGRAM_NAME).is_file()), None)
-        if path is None:
-            raise ConfigError(f"cannot find {HOST_PROGRAM_NAME} (it owns the configuration) in "
-                              f"{':'.join(map(str, directories))}; set SNF_IMAGE_HOST_DIRS")
-        name = "snf_image_host"
-        loader = importlib.machinery.SourceFileLoader(name, str(path))
-        module = importlib.util.module_from_spec(importlib.util.spec_from_loader(name, loader))
-        loader.exec_module(module)
-        _host_module = module
-    return _host_module
+try:
+    host_program = load_host_module()
+except ConfigError as _error:
+    print(f"Error: {_error}", file=sys.stderr)
+    sys.exit(_error.exit_code)
 
-
-def snf_image_version():
-    """The release's version: the host program's SNF_IMAGE_VERSION (one owner;
-    the helper VM gets it through manifest.json and release.json)."""
-    return host_module().SNF_IMAGE_VERSION
+# The release's version, owned by the host program; the builder writes it
+# into each helper's manifest.json and release.json.
+SNF_IMAGE_VERSION = host_program.SNF_IMAGE_VERSION
 
 
 def load_host_config(overrides, environ=os.environ):
     """The host program's Config for /etc/default/snf-image (or SNF_IMAGE_CONFIG)
     with `overrides` on top: parsed, checked and warned about exactly as the
     host does; a mistake is a ConfigError."""
-    host = host_module(environ)
     try:
-        return host.load_config(environ, overrides=overrides)
-    except host.SnfError as err:
+        return host_program.load_config(environ, overrides=overrides)
+    except host_program.SnfError as err:
         raise ConfigError(str(err)) from None
 
 
@@ -384,7 +382,6 @@ def load_settings(args, environ=os.environ):
     overrides = {key: getattr(args, key) for _option, key, _help in CONFIG_OPTIONS
                  if getattr(args, key, None) is not None}
     config = load_host_config(overrides, environ)
-    settings_table = host_module(environ).SETTINGS
     helper_dir = Path(config.HELPER_DIR).absolute()
     cache_dir = Path(config.HELPER_CACHE_DIR).absolute() if config.HELPER_CACHE_DIR else helper_dir / "cache"
     optional_paths = {}
@@ -402,7 +399,7 @@ def load_settings(args, environ=os.environ):
         mirror=config.HELPER_DEBIAN_MIRROR,
         memory=config.HELPER_MEMORY,
         user=config.HELPER_USER,
-        programs={setting.name: getattr(config, setting.name) for setting in settings_table
+        programs={setting.name: getattr(config, setting.name) for setting in host_program.SETTINGS
                   if setting.is_program and setting.read_by("builder")},
         helper_program=Path(args.helper_program).absolute() if args.helper_program else program,
         tasks_dir=Path(args.tasks).absolute() if args.tasks else tasks,
@@ -1105,7 +1102,7 @@ def make_root_image(settings, root, image):
 
 def inputs_hash(settings, root_key):
     digest = hashlib.sha256()
-    digest.update(f"{snf_image_version()}\0{root_key}\0".encode())
+    digest.update(f"{SNF_IMAGE_VERSION}\0{root_key}\0".encode())
     digest.update(Path(__file__).read_bytes())
     if settings.helper_program.exists():
         digest.update(settings.helper_program.read_bytes())
@@ -1134,7 +1131,7 @@ def assemble_release(settings, entry, releases):
         install_helper_files(root, settings.helper_program, settings.tasks_dir)
         precompile_helper_modules(settings, root)
         (root / HELPER_LIB_DIR / "release.json").write_text(json.dumps(
-            {"build_id": build_id, "snf_image_version": snf_image_version(),
+            {"build_id": build_id, "snf_image_version": SNF_IMAGE_VERSION,
              "inputs_hash": digest}, indent=1) + "\n")
         step("release: root image (mkfs.ext4 -d, no journal)")
         make_root_image(settings, root, work / "image")
@@ -1152,7 +1149,7 @@ def assemble_release(settings, entry, releases):
         manifest = {
             "format": 1,
             "build_id": build_id,
-            "snf_image_version": snf_image_version(),
+            "snf_image_version": SNF_IMAGE_VERSION,
             "suite": info["suite"],
             "mirror": info["mirror"],
             "kernel_version": info["kernel_version"],
@@ -1348,9 +1345,9 @@ def install_archive(source, releases):
             raise HelperError(f"{source}: directory {top!r} does not match build id in the manifest")
         step("import: verifying sha256 of every file against the manifest")
         verify_release(work, manifest)
-        if manifest.get("snf_image_version") != snf_image_version():
+        if manifest.get("snf_image_version") != SNF_IMAGE_VERSION:
             warn(f"release {top} was built for snf-image {manifest.get('snf_image_version')}, "
-                 f"this is {snf_image_version()}")
+                 f"this is {SNF_IMAGE_VERSION}")
         extra = {p.name for p in work.iterdir()} - {"manifest.json"} - set(manifest["files"])
         if extra:
             raise HelperError(f"{source} has files not in its manifest: {', '.join(sorted(extra))}")

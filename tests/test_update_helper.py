@@ -15,6 +15,7 @@ import os
 import re
 import struct
 import subprocess
+import sys
 import tarfile
 import threading
 from pathlib import Path
@@ -91,13 +92,18 @@ def test_program_settings_are_argument_lists(tmp_path):
     assert set(settings.programs) == {"MULTISTRAP", "MKFS_EXT4", "DEPMOD", "QEMU", "ZSTD", "CP", "CHROOT"}
 
 
-def test_builder_finds_the_host_module_through_its_search_list(tmp_path, monkeypatch):
+def test_builder_finds_the_host_module_through_its_search_list(tmp_path):
     assert builder.HOST_PROGRAM_DIRS[0] == REPO
     assert builder.host_program_dirs({"SNF_IMAGE_HOST_DIRS": f"{tmp_path}:/x"}) == (tmp_path, Path("/x"))
-    monkeypatch.setattr(builder, "_host_module", None)
     with pytest.raises(builder.ConfigError, match="cannot find snf-image-host.py") as error:
-        builder.host_module({"SNF_IMAGE_HOST_DIRS": str(tmp_path)})
+        builder.load_host_module({"SNF_IMAGE_HOST_DIRS": str(tmp_path)})
     assert error.value.exit_code == 2
+    assert builder.load_host_module({}).SNF_IMAGE_VERSION == builder.SNF_IMAGE_VERSION
+    result = subprocess.run([sys.executable, str(REPO / "snf-image-update-helper.py"), "--help"],
+                            env={"PATH": "/usr/bin:/bin", "SNF_IMAGE_HOST_DIRS": str(tmp_path)},
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith("Error: cannot find snf-image-host.py") and result.stderr.count("\n") == 1
 
 
 def test_mirror_from_deb822_sources_skips_security(tmp_path):
@@ -347,7 +353,7 @@ def fake_release(helper_dir, build_id, seed=b""):
     for name in ("kernel", "initrd", "image", "vmlinuz"):
         (release / name).write_bytes(hashlib.sha256(seed + name.encode()).digest() * 100)
         files[name] = builder.sha256_file(release / name)
-    manifest = {"format": 1, "build_id": build_id, "snf_image_version": builder.snf_image_version(),
+    manifest = {"format": 1, "build_id": build_id, "snf_image_version": builder.SNF_IMAGE_VERSION,
                 "suite": "trixie", "kernel_version": "6.12-test", "build_time": "x",
                 "inputs_hash": "0" * 64, "packages": {"python3": "3.13"}, "files": files}
     (release / "manifest.json").write_text(json.dumps(manifest))
@@ -501,15 +507,21 @@ def test_failed_root_stage_leaves_no_cache_and_no_release(tmp_path, capsys, monk
     assert not (tmp_path / "hd" / "current").exists()
 
 
-def test_installed_builder_takes_helper_and_tasks_from_datadir(tmp_path):
+def test_installed_builder_takes_helper_and_tasks_from_datadir(tmp_path, monkeypatch):
     """Installed as $(SBINDIR)/snf-image-update-helper (no checkout around it),
-    the builder installs $(DATADIR)/helper/{snf-image-helper.py,tasks.d}."""
+    the builder installs $(DATADIR)/helper/{snf-image-helper.py,tasks.d} and
+    reads the configuration through the OS definition's snf-image-host.py."""
     installed = tmp_path / "sbin" / "snf-image-update-helper"
     installed.parent.mkdir()
     installed.write_bytes((Path(builder.__file__)).read_bytes())
+    os_dir = tmp_path / "os" / "snf-image"
+    os_dir.mkdir(parents=True)
+    (os_dir / "snf-image-host.py").write_bytes((REPO / "snf-image-host.py").read_bytes())
+    monkeypatch.setenv("SNF_IMAGE_HOST_DIRS", f"{tmp_path / 'nothing'}:{os_dir}")
     loader = importlib.machinery.SourceFileLoader("installed_builder", str(installed))
     module = importlib.util.module_from_spec(importlib.util.spec_from_loader("installed_builder", loader))
     loader.exec_module(module)
+    assert module.host_program.__file__ == str(os_dir / "snf-image-host.py")
     program, tasks = module.default_helper_sources()
     assert program == Path("/usr/local/share/snf-image/helper/snf-image-helper.py")
     assert tasks == Path("/usr/local/share/snf-image/helper/tasks.d")
