@@ -61,6 +61,8 @@ BLKGETSIZE64 = 0x80081272
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 FLOPPY_SIZE = 1440 * 1024
 KVM_PROBE_TIMEOUT = 3.0
+URL_MIN_BYTES = 64 * 1024       # an image download brings this much per URL_TIMEOUT, or fails
+URL_RESUME_ATTEMPTS = 3          # times a cut download resumes with Range/If-Range
 MBR_BIN_CANDIDATES = ("/usr/lib/syslinux/mbr/mbr.bin", "/usr/lib/SYSLINUX/mbr.bin",
                       "/usr/share/syslinux/mbr.bin", "/usr/lib/syslinux/mbr.bin")
 
@@ -220,22 +222,238 @@ def redact_url(url):
     return urllib.parse.urlunsplit((parts.scheme, "***@" + netloc, parts.path, parts.query, ""))
 
 
-def open_url(url, timeout=60):
-    """urlopen() that also understands http://user:password@host/ (Basic auth)."""
-    import urllib.request   # noqa: F401 (lazy: http.client and email cost start-up time)
-    parts = urllib.parse.urlsplit(url)
-    if parts.username is None or parts.scheme.lower() not in ("http", "https"):
-        return urllib.request.urlopen(url, timeout=timeout)
-    netloc = parts.hostname + (f":{parts.port}" if parts.port else "")
-    if ":" in parts.hostname:
-        netloc = f"[{parts.hostname}]" + (f":{parts.port}" if parts.port else "")
-    plain = urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, parts.query, ""))
-    user = urllib.parse.unquote(parts.username)
-    password = urllib.parse.unquote(parts.password or "")
-    import base64
-    token = base64.b64encode(f"{user}:{password}".encode()).decode()
-    request = urllib.request.Request(plain, headers={"Authorization": "Basic " + token})
-    return urllib.request.urlopen(request, timeout=timeout)
+class _Deadline:
+    """Shuts the watched sockets down when the time is up: a server that sends
+    one byte a second never trips a socket timeout, but it trips this.
+    `window` seconds for the whole fetch, or, with `min_bytes`, for each
+    `min_bytes` received (a large image may take long, but not at a trickle)."""
+
+    def __init__(self, window, min_bytes=None):
+        self.window, self.min_bytes = window, min_bytes
+        self.expires = time.monotonic() + window
+        self.counted = 0
+        self.expired = False
+        self.sockets = []
+        self.lock = threading.Lock()
+        self.stopped = threading.Event()
+        threading.Thread(target=self._watch, name="url-deadline", daemon=True).start()
+
+    def _watch(self):
+        while not self.stopped.wait(max(0.05, self.expires - time.monotonic())):
+            if time.monotonic() >= self.expires:
+                with self.lock:
+                    self.expired = True
+                    for sock in self.sockets:
+                        self._shut(sock)
+                return
+
+    def received(self, count):
+        if self.min_bytes is None:
+            return
+        self.counted += count
+        if self.counted >= self.min_bytes:
+            self.counted = 0
+            self.expires = time.monotonic() + self.window
+
+    def watch(self, sock):
+        with self.lock:
+            self.sockets.append(sock)
+            if self.expired:
+                self._shut(sock)
+
+    @staticmethod
+    def _shut(sock):
+        import socket
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def describe(self):
+        if self.min_bytes is None:
+            return f"not finished within URL_TIMEOUT ({self.window:g} s)"
+        return f"less than {self.min_bytes // 1024} KiB received in URL_TIMEOUT ({self.window:g} s)"
+
+    def cancel(self):
+        self.stopped.set()
+
+
+def _url_handlers(deadline, origin_host, authorization):
+    """urllib handlers whose connections obey the deadline and whose redirects
+    carry the credentials only back to the host they were given for."""
+    import urllib.request
+
+    def watched(connection_class):
+        class Connection(connection_class):
+            def connect(self):
+                super().connect()
+                deadline.watch(self.sock)
+        return Connection
+
+    class HTTPHandler(urllib.request.HTTPHandler):
+        def do_open(self, http_class, request, **kwargs):
+            return super().do_open(watched(http_class), request, **kwargs)
+
+    class HTTPSHandler(urllib.request.HTTPSHandler):
+        def do_open(self, http_class, request, **kwargs):
+            return super().do_open(watched(http_class), request, **kwargs)
+
+    class RedirectHandler(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, request, fp, code, message, headers, new_url):
+            new = super().redirect_request(request, fp, code, message, headers, new_url)
+            if new is not None and authorization:
+                new.remove_header("Authorization")
+                parts = urllib.parse.urlsplit(new.full_url)
+                if (parts.scheme.lower(), parts.hostname, parts.port) == origin_host:
+                    new.add_unredirected_header("Authorization", authorization)
+            return new
+
+    return [HTTPHandler(), HTTPSHandler(), RedirectHandler()]
+
+
+class UrlFetch:
+    """The one owner of reading a URL (config_url, network images, answer files).
+
+    Basic credentials in the URL are sent only to the URL's own host (never
+    after a redirect elsewhere), each read waits at most `timeout` seconds and
+    the whole fetch at most `deadline` seconds, a cut download resumes with
+    Range/If-Range up to URL_RESUME_ATTEMPTS times (read again from the start
+    and skipped when the server ignores ranges, refused when the object
+    changed meanwhile), and every failure is one SnfError naming `what`.
+    Use as a context manager; `size` is the announced length or None.
+    """
+
+    def __init__(self, url, what, *, timeout, stream=False, resume=URL_RESUME_ATTEMPTS):
+        self.url, self.what, self.timeout = url, what, timeout
+        self.shown = redact_url(url)
+        self.deadline = _Deadline(timeout, URL_MIN_BYTES if stream else None)
+        self.resumes_left = resume
+        self.position = 0
+        self.response = None
+        self.size = None
+        self.validator = None
+        try:
+            parts = urllib.parse.urlsplit(url)
+            port = parts.port
+        except ValueError as exc:
+            raise self.error(f"invalid URL ({exc})") from None
+        if parts.scheme.lower() not in ("http", "https", "ftp", "ftps") or not parts.hostname:
+            raise self.error("only http://, https://, ftp:// and ftps:// URLs with a host name can be fetched")
+        self.request_url, self.authorization = url, None
+        if parts.username is not None and parts.scheme.lower() in ("http", "https"):
+            host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+            netloc = host + (f":{port}" if port else "")
+            self.request_url = urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, parts.query, ""))
+            import base64
+            token = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
+            self.authorization = "Basic " + base64.b64encode(token.encode()).decode()
+        self.origin = (parts.scheme.lower(), parts.hostname, port)
+        self._open()
+        length = self.response.headers.get("Content-Length")
+        self.size = int(length) if length and length.strip().isdigit() else None
+        self.validator = self.response.headers.get("ETag") or self.response.headers.get("Last-Modified")
+
+    def error(self, reason):
+        return SnfError(f"cannot fetch {self.what} {self.shown}: {reason}")
+
+    def _open(self, offset=0):
+        import urllib.error
+        import urllib.request
+        opener = urllib.request.build_opener(*_url_handlers(self.deadline, self.origin, self.authorization))
+        request = urllib.request.Request(self.request_url)
+        if self.authorization:
+            request.add_unredirected_header("Authorization", self.authorization)
+        if offset:
+            request.add_header("Range", f"bytes={offset}-")
+            request.add_header("If-Range", self.validator)
+        try:
+            self.response = opener.open(request, timeout=self.timeout)
+        except urllib.error.HTTPError as exc:
+            exc.close()
+            raise self.error(f"HTTP {exc.code} {exc.reason}") from None
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            raise self.error(self._reason(exc)) from None
+        except Exception as exc:        # http.client.HTTPException: a broken reply
+            raise self.error(self._reason(exc)) from None
+
+    def _reason(self, exc):
+        if self.deadline.expired:
+            return self.deadline.describe()
+        reason = getattr(exc, "reason", None) or exc
+        text = " ".join(str(reason).split()) or type(exc).__name__
+        return text if not isinstance(reason, OSError) or not reason.strerror else reason.strerror
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+    def close(self):
+        self.deadline.cancel()
+        if self.response is not None:
+            self.response.close()
+
+    def read(self, limit):
+        """The whole body of a small document, refused when longer than `limit`."""
+        chunks, total = [], 0
+        buffer = bytearray(65536)
+        while True:
+            count = self.readinto(memoryview(buffer))
+            if not count:
+                return b"".join(chunks)
+            total += count
+            if total > limit:
+                raise self.error(f"longer than {limit} bytes")
+            chunks.append(bytes(buffer[:count]))
+
+    def readinto(self, buffer):
+        while True:
+            try:
+                count = self.response.readinto(buffer)
+            except Exception as exc:      # OSError, IncompleteRead, a shut socket
+                if self.deadline.expired:
+                    raise self.error(self._reason(exc)) from None
+                cut = self._reason(exc)
+            else:
+                if self.deadline.expired:
+                    raise self.error(self._reason(None))
+                if count or self.size is None or self.position == self.size:
+                    self.position += count
+                    self.deadline.received(count)
+                    return count
+                cut = f"connection closed after {self.position} of {self.size} bytes"
+            self._resume(cut)
+
+    def _resume(self, cut):
+        if not self.resumes_left or self.size is None or not self.validator \
+                or not self.url.lower().startswith(("http://", "https://")):
+            raise self.error(f"download cut ({cut})")
+        self.resumes_left -= 1
+        warn(f"{self.what} {self.shown}: download cut at byte {self.position} ({cut}); resuming")
+        self.response.close()
+        self._open(self.position)
+        status = getattr(self.response, "status", 200)
+        headers = self.response.headers
+        now = headers.get("ETag") or headers.get("Last-Modified")
+        if now != self.validator and (status != 206 or now is not None):
+            raise self.error("the object changed on the server during the download")
+        if status == 206:
+            start = re.match(r"bytes (\d+)-", headers.get("Content-Range", ""))
+            if not start or int(start.group(1)) != self.position:
+                raise self.error("the server resumed at the wrong position")
+            return
+        skip = self.position          # ranges ignored: read again from the start, drop what we have
+        warn(f"{self.what} {self.shown}: the server ignores ranges; reading again from the start")
+        scratch = memoryview(bytearray(65536))
+        while skip:
+            try:
+                count = self.response.readinto(scratch[:min(skip, len(scratch))])
+            except Exception as exc:
+                raise self.error(f"download cut again ({self._reason(exc)})") from None
+            if not count:
+                raise self.error("download cut again while reading up to the resume point")
+            skip -= count
 
 
 def human_size(count):
@@ -350,6 +568,8 @@ SETTINGS = (
     Setting("COPY_OVERLAP", "yes", _check_yes_no, "read the next buffer while the previous one is written"),
     Setting("COPY_WRITERS", "1", _check_positive_int, "O_DIRECT writes kept in flight on a disk (1: in order)"),
     Setting("PROGRESS_INTERVAL", "3", parse_duration, "seconds between copy progress messages"),
+    Setting("URL_TIMEOUT", "60", parse_duration, "seconds a config_url or answer file may take; an image "
+            "download must bring 64 KiB in each such interval"),
     Setting("TEMP_DIR", "/run/snf-image", _as_is, "private directory for the floppy and other temporary files"),
     Setting("MBR_BIN", "", _as_is, "boot code for filesystem dumps; empty: syslinux's mbr.bin"),
     Setting("XEN_SCRIPTS_DIR", "/etc/xen/scripts", _as_is, "unused (accepted for compatibility)"),
@@ -567,23 +787,16 @@ def collect_parameters(environ, config, fetch_config_url=True):
         if key in environ:
             params[name] = environ[key]
     if fetch_config_url and params.get("config_url"):
-        params.update(fetch_config_url_params(params["config_url"]))
+        params.update(fetch_config_url_params(params["config_url"], config.URL_TIMEOUT))
     return params
 
 
-def fetch_config_url_params(url):
-    import urllib.error   # lazy, like urllib.request in open_url
+def fetch_config_url_params(url, timeout):
     if not re.match(r"https?://", url, re.IGNORECASE):
         raise SnfError("config_url must be an http:// or https:// URL", 2)
     log(f"Downloading configuration parameters from: {redact_url(url)}")
-    try:
-        with open_url(url) as response:
-            body = response.read(16 * MIB)
-    except urllib.error.HTTPError as exc:
-        raise SnfError(f"cannot fetch config_url {redact_url(url)}: HTTP {exc.code} {exc.reason}") from None
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise SnfError(f"cannot fetch config_url {redact_url(url)}: {reason}") from None
+    with UrlFetch(url, "config_url", timeout=timeout) as fetch:
+        body = fetch.read(16 * MIB)
     return decode_config_document(body)
 
 
@@ -1206,38 +1419,17 @@ class LocalSource(ImageSource):
 class NetworkSource(ImageSource):
     name = "network"
 
-    def __init__(self, url):
-        import urllib.error   # lazy, like urllib.request in open_url
+    def __init__(self, url, timeout):
         self.url = url
         shown = redact_url(url)
-        try:
-            self.response = open_url(url)
-        except urllib.error.HTTPError as exc:
-            raise SnfError(f"cannot download image {shown}: HTTP {exc.code} {exc.reason}") from None
-        except (urllib.error.URLError, OSError, ValueError) as exc:
-            reason = getattr(exc, "reason", None) or exc
-            raise SnfError(f"cannot download image {shown}: {reason}") from None
-        length = self.response.headers.get("Content-Length")
-        self.size = int(length) if length and length.strip().isdigit() else None
+        self.fetch = UrlFetch(url, "image", timeout=timeout, stream=True)
+        self.size = self.fetch.size
         if self.size is None:
             warn(f"{shown}: the server did not announce the image size")
-        self.reader = CountingReader(_SocketErrors(self.response, shown), self.size, f"download of {shown}")
+        self.reader = CountingReader(self.fetch, self.size, f"download of {shown}")
 
     def close(self):
-        self.response.close()
-
-
-class _SocketErrors:
-    def __init__(self, response, shown):
-        self.response, self.shown = response, shown
-
-    def readinto(self, buffer):
-        try:
-            return self.response.readinto(buffer)
-        except (OSError, ValueError) as exc:
-            raise SnfError(f"download of {self.shown} failed: {exc}") from None
-        except Exception as exc:      # http.client.IncompleteRead and friends
-            raise SnfError(f"download of {self.shown} failed: {type(exc).__name__}") from None
+        self.fetch.close()
 
 
 class ExternalSource(ImageSource):
@@ -1357,7 +1549,7 @@ def open_image_source(config, img_id, image_format):
     if backend.name == "null":
         return NullSource()
     if backend.name == "network":
-        return NetworkSource(img_id)
+        return NetworkSource(img_id, config.URL_TIMEOUT)
     return LocalSource(img_id, config.IMAGE_DIR, image_format)
 
 
@@ -1814,9 +2006,8 @@ def helper_environment(environ, params, config, image_format, instance, answer_f
     return env
 
 
-def fetch_answer_file(url, image_dir):
+def fetch_answer_file(url, image_dir, timeout):
     """os_answer_file: http(s)/ftp(s), or file:// limited to IMAGE_DIR (never any host file)."""
-    import urllib.error   # lazy, like urllib.request in open_url
     parts = urllib.parse.urlsplit(url)
     if parts.scheme.lower() == "file":
         path = os.path.realpath(urllib.parse.unquote(parts.path))
@@ -1828,13 +2019,8 @@ def fetch_answer_file(url, image_dir):
         except OSError as exc:
             raise SnfError(f"cannot read os_answer_file {path}: {exc.strerror}") from None
     log("Downloading the answer file given in os_answer_file")
-    try:
-        with open_url(url) as response:
-            return response.read(16 * MIB)
-    except urllib.error.HTTPError as exc:
-        raise SnfError(f"cannot fetch os_answer_file: HTTP {exc.code} {exc.reason}") from None
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        raise SnfError(f"cannot fetch os_answer_file: {getattr(exc, 'reason', exc)}") from None
+    with UrlFetch(url, "os_answer_file", timeout=timeout) as fetch:
+        return fetch.read(FLOPPY_SIZE)
 
 
 def default_answer_files(timezone):
@@ -1866,7 +2052,7 @@ def make_floppy(workdir, config, rules, params):
                 raise SnfError(f"cannot read UNATTEND file {config.UNATTEND}: {exc.strerror}", 2) from None
             sysprep = default_answer_files(config.WINDOWS_TIMEZONE)[1]
         elif params.get("os_answer_file"):
-            unattend = fetch_answer_file(params["os_answer_file"], config.IMAGE_DIR)
+            unattend = fetch_answer_file(params["os_answer_file"], config.IMAGE_DIR, config.URL_TIMEOUT)
             sysprep = None
         else:
             unattend, sysprep = default_answer_files(config.WINDOWS_TIMEZONE)

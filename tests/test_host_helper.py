@@ -356,6 +356,6 @@ def test_answer_file_outside_image_dir_is_refused(tmp_path):
     config = host.finalize_config({"IMAGE_DIR": str(tmp_path / "images")})
     (tmp_path / "images").mkdir()
     with pytest.raises(host.SnfError, match="inside IMAGE_DIR"):
-        host.fetch_answer_file("file:///etc/shadow", config.IMAGE_DIR)
+        host.fetch_answer_file("file:///etc/shadow", config.IMAGE_DIR, 5)
     with pytest.raises(host.SnfError, match="inside IMAGE_DIR"):
-        host.fetch_answer_file(f"file://{tmp_path}/images/../x.xml", config.IMAGE_DIR)
+        host.fetch_answer_file(f"file://{tmp_path}/images/../x.xml", config.IMAGE_DIR, 5)
