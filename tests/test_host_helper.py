@@ -334,7 +334,8 @@ def test_sigterm_kills_qemu_and_removes_temp_files(tmp_path):
     qemu_pid = None
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        children = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()
+        children = subprocess.run(["pgrep", "-P", str(process.pid), "qemu"], capture_output=True,
+                                  text=True).stdout.split()
         if children:
             qemu_pid = int(children[0])
             break
