@@ -593,6 +593,9 @@ SETTINGS = (
     Setting("XEN_CMD", "xl", _as_is, "unused (accepted for compatibility)"),
     Setting("MULTISTRAP_CONFIG", "", _as_is, "helper builder: upstream's multistrap.conf, used only when set"),
     Setting("MULTISTRAP_APTPREFDIR", "", _as_is, "helper builder: apt preferences, used only when set"),
+    Setting("IMAGE_KEYRING", "", _as_is, "OpenPGP keyring for gpgv; set: NAME.sig / URL.sig signatures are checked"),
+    Setting("IMAGE_SIGNATURE_REQUIRED", "no", _check_yes_no, "yes: an image without a signature is refused"),
+    Setting("GPGV", "gpgv", _check_command, "gpgv program (image signatures)"),
     Setting("QEMU", "qemu-system-x86_64", _check_command, "qemu program"),
     Setting("QEMU_IMG", "qemu-img", _check_command, "qemu-img program (tools)"),
     Setting("MKFS_EXT2", "mkfs.ext2", _check_command, "mkfs.ext2 program (floppy)"),
@@ -794,6 +797,8 @@ def finalize_config(raw):
             warn(f"configuration: {message}")
     for name in sorted(raw.keys() - KNOWN_CONFIG_KEYS):
         warn(f"configuration: unknown key {name}{closest_key_hint(name)}")
+    if values["IMAGE_SIGNATURE_REQUIRED"] and not values["IMAGE_KEYRING"]:
+        raise SnfError("invalid configuration: IMAGE_SIGNATURE_REQUIRED=yes needs IMAGE_KEYRING", 2)
     return Config(values, raw)
 
 
@@ -1289,6 +1294,15 @@ def killing_on_exit(process, grace=5.0):
                     pass
 
 
+def die_with_parent():
+    """preexec_fn: SIGKILL when the deployer dies. Only for children that keep
+    our credentials: qemu's -runas (setuid) clears this, so the helper VM relies
+    on the work directory's guard instead."""
+    import ctypes
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 def run_program(argv, *, what, timeout=120, debug=False):
     if debug:
         log("running: " + shlex.join(argv))
@@ -1717,8 +1731,132 @@ def open_image_source(config, img_id, image_format):
     if backend.name == "null":
         return NullSource()
     if backend.name == "network":
-        return NetworkSource(img_id, config.URL_TIMEOUT)
-    return LocalSource(img_id, config.IMAGE_DIR, image_format)
+        source = NetworkSource(img_id, config.URL_TIMEOUT)
+    else:
+        source = LocalSource(img_id, config.IMAGE_DIR, image_format)
+    if config.IMAGE_KEYRING:
+        try:
+            check_signature(config, source)
+        except BaseException:
+            source.close()
+            raise
+    return source
+
+
+def check_signature(config, source):
+    """A detached OpenPGP signature next to the image (NAME.sig, URL.sig), checked
+    with gpgv against IMAGE_KEYRING: a local image before the copy, a download
+    while it is copied (its failure then says what the disk holds)."""
+    if isinstance(source, LocalSource):
+        signature_path = source.path + ".sig"
+        if not os.path.isfile(signature_path):
+            return _missing_signature(config, signature_path)
+        log(f"verifying the image's signature {signature_path} before writing")
+        _run_gpgv(config, [signature_path, source.path], "nothing was written")
+        return None
+    if isinstance(source, NetworkSource):
+        try:
+            with UrlFetch(source.url + ".sig", "image signature", timeout=config.URL_TIMEOUT) as fetch:
+                signature = fetch.read(MIB)
+        except SnfError as exc:
+            if "HTTP 404" not in str(exc):
+                raise
+            return _missing_signature(config, redact_url(source.url) + ".sig")
+        log("verifying the image's signature while copying")
+        checking = SignatureCheckingReader(config, source.reader, signature)
+        close_download = source.close
+
+        def close():
+            checking.close()
+            close_download()
+        source.reader, source.finish, source.close = checking, checking.finish, close
+        return None
+    return _missing_signature(config, f"a signature for source back-end {source.name}")
+
+
+def _missing_signature(config, where):
+    if config.IMAGE_SIGNATURE_REQUIRED:
+        raise SnfError(f"the image has no signature ({where}) and IMAGE_SIGNATURE_REQUIRED is yes; "
+                       "nothing was written", 2)
+    log(f"the image is not signed ({where} absent)")
+
+
+def _run_gpgv(config, arguments, consequence, **kwargs):
+    with private_gnupg_home() as home:
+        argv = config.GPGV + ["--homedir", home, "--keyring", os.path.abspath(config.IMAGE_KEYRING), *arguments]
+        try:
+            result = subprocess.run(argv, capture_output=True, timeout=600, check=False, **kwargs)
+        except FileNotFoundError:
+            raise SnfError(f"program {argv[0]} not found (needed for IMAGE_KEYRING)") from None
+        except subprocess.TimeoutExpired:
+            raise SnfError(f"{argv[0]} did not finish within 600 s") from None
+    if result.returncode != 0:
+        lines = result.stderr.decode("utf-8", "replace").strip().splitlines() or ["no message"]
+        raise SnfError(f"the image's signature does not verify against IMAGE_KEYRING "
+                       f"({lines[-1].removeprefix('gpgv: ')}); {consequence}")
+
+
+@contextmanager
+def private_gnupg_home():
+    import shutil
+    import tempfile
+    home = tempfile.mkdtemp(prefix="snf-image-gnupg-")
+    try:
+        yield home
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+class SignatureCheckingReader:
+    """Passes a download through to the copy and to `gpgv SIG -`; finish() has the verdict."""
+
+    def __init__(self, config, raw, signature):
+        import tempfile
+        self.config, self.raw = config, raw
+        self.signature_file = tempfile.NamedTemporaryFile(prefix="snf-image-sig-")
+        self.signature_file.write(signature)
+        self.signature_file.flush()
+        self.home = tempfile.mkdtemp(prefix="snf-image-gnupg-")
+        argv = config.GPGV + ["--homedir", self.home, "--keyring", os.path.abspath(config.IMAGE_KEYRING),
+                              self.signature_file.name, "-"]
+        try:
+            self.process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                            stderr=subprocess.PIPE)
+        except OSError as exc:
+            raise SnfError(f"cannot run {argv[0]}: {exc.strerror}") from None
+
+    def readinto(self, buffer):
+        count = self.raw.readinto(buffer)
+        if count:
+            try:
+                self.process.stdin.write(buffer[:count])
+            except OSError:
+                pass                        # gpgv gave up: finish() reports it
+        return count
+
+    def close(self):
+        import shutil
+        with killing_on_exit(self.process, grace=1.0):
+            pass
+        self.signature_file.close()
+        shutil.rmtree(self.home, ignore_errors=True)
+
+    def finish(self):
+        stdin, self.process.stdin = self.process.stdin, None
+        try:
+            stdin.close()
+        except OSError:
+            pass
+        try:
+            _, errors = self.process.communicate(timeout=600)
+        except subprocess.TimeoutExpired:
+            errors = b"gpgv did not finish"
+        finally:
+            self.close()
+        if self.process.returncode != 0:
+            lines = errors.decode("utf-8", "replace").strip().splitlines() or ["no message"]
+            raise SnfError(f"the image's signature does not verify against IMAGE_KEYRING "
+                           f"({lines[-1].removeprefix('gpgv: ')}): the disk now holds this unverified image")
 
 
 # ---------------------------------------------------------------------------
@@ -2450,7 +2588,8 @@ def probe_accelerator(qemu, accel, timeout=KVM_PROBE_TIMEOUT):
                        "-serial", f"file:/proc/self/fd/{write_end}"]
         try:
             process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                       stderr=subprocess.DEVNULL, pass_fds=(write_end,))
+                                       stderr=subprocess.DEVNULL, pass_fds=(write_end,),
+                                       preexec_fn=die_with_parent)
         except OSError:
             os.close(read_end)
             os.close(write_end)

@@ -266,3 +266,44 @@ def test_fuzz_rules_and_properties(text):
             parse(text)
         except helper.HelperError:
             pass
+
+
+# --- children: no secret in their environment, a monitor that stops reading ----------------
+
+def test_back_ends_and_monitor_get_no_secret(case, tmp_path):
+    site = case.site
+    payload = tmp_path / "payload"
+    payload.write_bytes(os.urandom(MIB))
+    backend = site.backends / "src" / "store"
+    backend.write_text(f"""#!/bin/sh
+env >> {tmp_path}/backend.env
+case "$1" in
+  -p) case "$2" in store:*) echo yes;; *) echo no;; esac; exit 0;;
+  -s) echo {MIB}; exit 0;;
+esac
+cat {payload}
+""")
+    backend.chmod(0o755)
+    monitor = tmp_path / "monitor"
+    monitor.write_text(f"#!/bin/sh\nenv > {tmp_path}/monitor.env\ncat > {tmp_path}/monitor.out\n")
+    monitor.chmod(0o755)
+    site.write_config(PROGRESS_MONITOR=monitor)
+    result = site.deploy("--disk", case.disk, "--img-id", "store:x", "--img-format", "diskdump", "--no-helper",
+                         "--img-properties", '{"A": "1"}',
+                         env={"OSP_IMG_PASSWD": SECRET, "OSP_AUTH_KEYS": SECRET,
+                              "OSP_CLOUD_USERDATA": base64.b64encode(SECRET.encode()).decode()})
+    assert result.returncode == 0, result.stderr.decode()[-1000:]
+    for name in ("backend.env", "monitor.env", "monitor.out"):
+        text = (tmp_path / name).read_text()
+        assert SECRET not in text and base64.b64encode(SECRET.encode()).decode() not in text, name
+        assert "OSP_" not in text, name
+
+
+def test_a_monitor_that_stops_reading_does_not_stall(capfd):
+    started = __import__("time").monotonic()
+    with host.Monitor(["sh", "-c", "sleep 30", "monitor"], "vm") as monitor:
+        for number in range(20000):
+            monitor.send("image-info", messages=[f"message {number} " + "x" * 200])
+    assert __import__("time").monotonic() - started < 15
+    err = capfd.readouterr().err
+    assert err.count("progress messages are dropped") == 1
