@@ -307,3 +307,43 @@ def test_a_monitor_that_stops_reading_does_not_stall(capfd):
     assert __import__("time").monotonic() - started < 15
     err = capfd.readouterr().err
     assert err.count("progress messages are dropped") == 1
+
+
+# --- corrupt and truncated images of every compression format ------------------------------
+
+def _compressed(kind, data):
+    import bz2
+    import gzip
+    import lzma
+    import shutil
+    import subprocess
+    if kind == "gzip":
+        return gzip.compress(data)
+    if kind == "xz":
+        return lzma.compress(data)
+    if kind == "bzip2":
+        return bz2.compress(data)
+    if shutil.which("zstd") is None:
+        pytest.skip("zstd not installed")
+    return subprocess.run(["zstd", "-q", "-c"], input=data, capture_output=True, check=True).stdout
+
+
+@pytest.mark.parametrize("kind", ["gzip", "xz", "bzip2"])
+@pytest.mark.parametrize("damage", ["corrupt", "truncated"])
+def test_damaged_compressed_images(case, kind, damage):
+    data = os.urandom(256 * 1024) * 8
+    packed = bytearray(_compressed(kind, data))
+    if damage == "truncated":
+        packed = packed[:len(packed) * 2 // 3]
+    else:
+        for offset in range(len(packed) // 3, len(packed) // 3 + 64):
+            packed[offset] ^= 0x5A
+    name = f"damaged-{kind}.img"
+    (case.site.images / name).write_bytes(bytes(packed))
+    result = case.site.deploy("--disk", case.disk, "--img-id", name, "--img-format", "diskdump",
+                              "--no-helper", timeout=120)
+    text = result.stderr.decode("utf-8", "replace")
+    assert result.returncode == 1, text[-1500:]
+    assert last_line(result).startswith("ERROR: ") and "Traceback" not in text
+    assert kind in last_line(result) or "compress" in last_line(result), last_line(result)
+    assert [line for line in text.splitlines() if line.startswith("ERROR")] == [last_line(result)]
