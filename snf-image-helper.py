@@ -396,7 +396,7 @@ def parse_rules(text):
     """rules.json (DESIGN.md §5) → (env dict, list of disk serials)."""
     try:
         rules = json.loads(text)
-    except ValueError as error:
+    except (ValueError, RecursionError) as error:
         raise HelperError(f"rules.json on the floppy is not valid JSON: {error}") from None
     if not isinstance(rules, dict):
         raise HelperError("rules.json on the floppy is not a JSON object")
@@ -436,7 +436,7 @@ def decode_properties(text, what, warn=warn):
     (upstream parsed with strict=False)."""
     try:
         properties = json.loads(text, strict=False)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise HelperError(f"Unable to decode {what}. Please check if the variable "
                           "is in valid json format.") from None
     if not isinstance(properties, dict):
