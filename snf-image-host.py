@@ -730,6 +730,8 @@ def _closing_quote(body, quote):
 
 
 def read_config_file(path):
+    if os.fspath(path) == os.devnull:       # SNF_IMAGE_CONFIG=/dev/null: the built-in defaults
+        return {}
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:

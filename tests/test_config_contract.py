@@ -4,6 +4,7 @@ file of one corpus through their real entry points and give the same
 verdict: the same one-line error with exit status 2, or the same warnings
 and on to their real work."""
 
+import os
 import re
 import subprocess
 import sys
@@ -71,6 +72,15 @@ def test_host_and_builder_agree(tmp_path, text, error):
         assert lines[0].startswith(prefix) and error in lines[0]
     assert host.stderr.strip()[len("ERROR: "):] == builder.stderr.strip()[len("Error: "):]
     assert not (tmp_path / "helper").exists()      # refused before anything is written
+
+
+def test_the_null_device_means_no_configuration_and_a_fifo_is_refused(tmp_path):
+    assert run_host("/dev/null", tmp_path).returncode == 0
+    assert run_builder("/dev/null", tmp_path).stderr.startswith("Error: no helper built")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for result in (run_host(fifo, tmp_path), run_builder(fifo, tmp_path)):
+        assert result.returncode == 2 and "is not a regular file" in result.stderr
 
 
 def test_a_misspelt_key_names_the_closest_one_in_both(tmp_path):
