@@ -1127,25 +1127,133 @@ class HoleSkippingFile:
         return n
 
 
-COMPRESSION_MAGIC = ((b"\x1f\x8b", "gzip"), (b"\xfd7zXZ\x00", "xz"), (b"BZh", "bzip2"))
+COMPRESSION_MAGIC = ((b"\x1f\x8b", "gzip"), (b"\xfd7zXZ\x00", "xz"), (b"BZh", "bzip2"),
+                     (b"\x28\xb5\x2f\xfd", "zstd"))
+# Each decompressor runs as its own process: decompression then overlaps with the
+# download and with the disk writes, and xz -T0 uses every core on multi-block files.
+DECOMPRESSORS = {"gzip": ("gzip", "-dc"), "xz": ("xz", "-dc", "-T0"), "bzip2": ("bzip2", "-dc"),
+                 "zstd": ("zstd", "-dcq")}
+DECOMPRESSOR_WARNING_EXIT = {"gzip": 2}      # "trailing garbage ignored"
 
 
+@contextmanager
 def decompressing(reader, description):
-    """Return (reader, compression name or None), decompressing by magic bytes."""
+    """Yield (reader, compression name or None), decompressing by magic bytes.
+
+    The reader yielded is a PeekReader: the caller can look at the image's
+    own header (qcow2 and other container formats) whatever the compression.
+    """
     peek = PeekReader(reader)
     head = peek.peek(6)
     for magic, name in COMPRESSION_MAGIC:
         if head.startswith(magic) and (name != "bzip2" or head[3:4] in b"123456789"):
-            log(f"{description}: {name}-compressed image, decompressing while copying")
-            import bz2
-            import gzip
-            import lzma
-            buffered = io.BufferedReader(peek, buffer_size=MIB)
-            opener = {"gzip": lambda f: gzip.GzipFile(fileobj=f, mode="rb"),
-                      "xz": lambda f: lzma.LZMAFile(f),
-                      "bzip2": lambda f: bz2.BZ2File(f)}[name]
-            return DecompressReader(opener(buffered), name, description), name
-    return peek, None
+            break
+    else:
+        yield peek, None
+        return
+    import shutil
+    program = shutil.which(DECOMPRESSORS[name][0])
+    if program:
+        log(f"{description}: {name}-compressed image, decompressing with {os.path.basename(program)} "
+            "while copying")
+        with ProgramDecompressor(peek, [program, *DECOMPRESSORS[name][1:]], name, description) as stream:
+            yield PeekReader(stream), name
+        return
+    log(f"{description}: {name}-compressed image, decompressing while copying")
+    yield PeekReader(DecompressReader(_python_decompressor(peek, name), name, description)), name
+
+
+def _python_decompressor(peek, name):
+    """The standard library's decompressor, where the program is not installed."""
+    buffered = io.BufferedReader(peek, buffer_size=MIB)
+    if name == "gzip":
+        import gzip
+        return gzip.GzipFile(fileobj=buffered, mode="rb")
+    if name == "xz":
+        import lzma
+        return lzma.LZMAFile(buffered)
+    if name == "bzip2":
+        import bz2
+        return bz2.BZ2File(buffered)
+    try:
+        from compression import zstd        # Python 3.14
+    except ImportError:
+        raise SnfError("the image is zstd-compressed and the zstd program is not installed") from None
+    return zstd.ZstdFile(buffered)
+
+
+class ProgramDecompressor:
+    """Decompresses in a child process: a feeder thread writes the compressed
+    stream to its stdin while the copier reads its stdout. Errors of the
+    compressed stream (truncated download, checksum) are raised at the end
+    of the output, before the decompressor's own complaint about them."""
+
+    def __init__(self, source, argv, name, description):
+        import tempfile
+        self.source, self.name, self.description = source, name, description
+        self.error, self.ended = None, False
+        self.stderr = tempfile.TemporaryFile()
+        try:
+            self.process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                            stderr=self.stderr, bufsize=0)
+        except OSError as exc:
+            self.stderr.close()
+            raise SnfError(f"cannot run {argv[0]}: {exc.strerror}") from None
+        for pipe in (self.process.stdin, self.process.stdout):
+            try:
+                fcntl.fcntl(pipe.fileno(), F_SETPIPE_SZ, MIB)
+            except OSError:
+                pass
+        self.feeder = threading.Thread(target=self._feed, name=f"{name}-feeder", daemon=True)
+        self.feeder.start()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        with killing_on_exit(self.process, grace=1.0):
+            pass
+        self.process.stdout.close()
+        self.feeder.join(timeout=5)
+        self.stderr.close()
+
+    def _feed(self):
+        view = memoryview(bytearray(MIB))
+        pipe = self.process.stdin
+        try:
+            while True:
+                count = self.source.readinto(view)
+                if not count:
+                    break
+                done = 0
+                while done < count:
+                    done += pipe.write(view[done:count])
+        except (BrokenPipeError, ValueError):
+            pass            # the decompressor stopped reading: its exit status tells why
+        except BaseException as exc:     # raised by the reading thread at the end
+            self.error = exc
+        finally:
+            try:
+                pipe.close()
+            except OSError:
+                pass
+
+    def readinto(self, buffer):
+        if self.ended:
+            return 0
+        count = self.process.stdout.readinto(buffer)
+        if count:
+            return count
+        self.ended = True
+        self.feeder.join()
+        code = self.process.wait()
+        if self.error is not None:
+            raise self.error
+        if code not in (0, DECOMPRESSOR_WARNING_EXIT.get(self.name)):
+            self.stderr.seek(0)
+            lines = self.stderr.read().decode("utf-8", "replace").strip().splitlines() or [""]
+            raise SnfError(f"{self.description}: corrupt {self.name} data: {lines[-1][:200]}")
+        return 0
 
 
 class DecompressReader:
@@ -1163,8 +1271,8 @@ class DecompressReader:
 
 def drain(reader):
     """Read a stream to its end (trailing bytes after a compressed image are ignored)."""
-    scratch = memoryview(bytearray(65536))
-    while reader.readinto(scratch):
+    scratch = memoryview(bytearray(MIB))
+    while skip_hole(reader) or reader.readinto(scratch):
         pass
 
 
@@ -1247,7 +1355,7 @@ class LocalSource(ImageSource):
             pass
         self.size = os.fstat(self.file.fileno()).st_size
         reader = HoleSkippingFile(self.file, self.size)
-        checksum = self.find_checksum(path)
+        checksum = self.checksum = self.find_checksum(path)
         if checksum:
             algorithm, digest, checksum_path = checksum
             log(f"verifying the image against {checksum_path} while copying")
@@ -1965,6 +2073,195 @@ class _BlockSink:
 
 
 # ---------------------------------------------------------------------------
+# Disk images in qemu's formats (qcow2, vmdk, vdi, vhdx, qed, vpc)
+# ---------------------------------------------------------------------------
+
+QEMU_HEADER_PEEK = 512
+QEMU_IMAGE_MAGIC = ((0, b"QFI\xfb", "qcow2"), (0, b"KDMV", "vmdk"), (0, b"# Disk DescriptorFile", "vmdk"),
+                    (0x40, b"\x7f\x10\xda\xbe", "vdi"), (0, b"vhdxfile", "vhdx"), (0, b"QED\x00", "qed"),
+                    (0, b"conectix", "vpc"))
+QCOW2_INCOMPAT_DATA_FILE = 1 << 2
+QCOW2_AUTOCLEAR_DATA_FILE_RAW = 1 << 1
+QCOW2_EXT_DATA_FILE = 0x44415441
+QEMU_FORMATS_WITH_BACKING = ("qcow2", "qed", "vmdk")
+QEMU_CHECK_OK = (0, 3, 63)          # clean, leaked clusters only, format has no check
+
+
+def qemu_image_format(head):
+    """The qemu format named by the image's header (never by its name), or None for raw."""
+    for offset, magic, name in QEMU_IMAGE_MAGIC:
+        if head[offset:offset + len(magic)] == magic:
+            return name
+    return None
+
+
+def check_qemu_image_header(fd, kind, size, shown):
+    """Refuse, from our own reading of the header and before qemu-img opens the file,
+    an image that would make qemu read another file: a backing file, an external
+    data file, VMDK extents elsewhere. Returns nothing; raises SnfError."""
+    def read(offset, length):
+        data = os.pread(fd, length, offset)
+        if len(data) < length:
+            raise SnfError(f"{shown}: truncated {kind} image (header cut at byte {offset + len(data)})")
+        return data
+
+    def refuse(why):
+        raise SnfError(f"{shown}: {kind} image refused: {why}", 2)
+
+    if kind == "qcow2":
+        version, backing_offset, backing_size, cluster_bits, _, crypt = struct.unpack(
+            ">IQIIQI", read(4, 32))
+        if version not in (2, 3):
+            refuse(f"qcow version {version} is not supported (only qcow2 versions 2 and 3)")
+        if backing_offset or backing_size:
+            refuse("it has a backing file (it would make qemu-img read another file)")
+        if crypt:
+            refuse("it is encrypted")
+        if not 9 <= cluster_bits <= 21:
+            raise SnfError(f"{shown}: corrupt qcow2 header (cluster_bits {cluster_bits})")
+        header_length = 72
+        if version == 3:
+            incompatible, _, autoclear, _, header_length = struct.unpack(">QQQII", read(72, 32))
+            if incompatible & QCOW2_INCOMPAT_DATA_FILE or autoclear & QCOW2_AUTOCLEAR_DATA_FILE_RAW:
+                refuse("its data is in an external data file")
+        cluster = read(0, min(1 << cluster_bits, size))
+        position = header_length
+        while position + 8 <= len(cluster):     # header extensions end within the first cluster
+            kind_code, length = struct.unpack(">II", cluster[position:position + 8])
+            if kind_code == 0:
+                break
+            if kind_code == QCOW2_EXT_DATA_FILE:
+                refuse("its header names an external data file")
+            position += 8 + -(-length // 8) * 8
+    elif kind == "vmdk":
+        if read(0, 4) != b"KDMV":
+            refuse("a VMDK descriptor file keeps the data in other files: only single-file "
+                   "(monolithicSparse or streamOptimized) VMDK images are accepted")
+        capacity, _, descriptor_sector, descriptor_sectors = struct.unpack("<QQQQ", read(12, 32))
+        if capacity == 0:
+            refuse("its layout is given by a descriptor, which may name other files")
+        if descriptor_sector:
+            text = read(descriptor_sector * 512, min(descriptor_sectors * 512, 65536))
+            text = text.split(b"\0", 1)[0].decode("ascii", "replace")
+            extents = re.findall(r"(?m)^\s*(?:RW|RDONLY|NOACCESS)\s+\d+\s+(\w+)", text)
+            parent = re.search(r'(?m)^\s*parentCID\s*=\s*"?([0-9a-fA-F]+)', text)
+            if "parentFileNameHint" in text or (parent and parent.group(1).lower() != "ffffffff"):
+                refuse("it has a parent image (it would make qemu-img read another file)")
+            if len(extents) > 1 or any(extent != "SPARSE" for extent in extents):
+                refuse("its descriptor names extents in other files")
+    elif kind == "qed":
+        features, = struct.unpack("<Q", read(16, 8))
+        _, backing_size = struct.unpack("<II", read(56, 8))
+        if features & 1 or backing_size:
+            refuse("it has a backing file (it would make qemu-img read another file)")
+    elif kind == "vpc":
+        disk_type, = struct.unpack(">I", read(60, 4))
+        if disk_type == 4:
+            refuse("it is a differencing disk (it has a parent)")
+    elif kind == "vdi":
+        image_type, = struct.unpack("<I", read(0x4C, 4))
+        if image_type == 4:
+            refuse("it is a differencing image (it has a parent)")
+    # vhdx: qemu refuses images with a parent itself, without opening it
+
+
+def qemu_image_name(kind, fd):
+    """qemu's name for the already opened, already checked image file: the descriptor
+    (same inode as the one checked), the format fixed, backing files forbidden."""
+    options = {"driver": kind, "file": {"driver": "file", "filename": f"/proc/self/fd/{fd}"}}
+    if kind in QEMU_FORMATS_WITH_BACKING:
+        options["backing"] = None
+    return "json:" + json.dumps(options)
+
+
+def _run_qemu_img(config, arguments, fd, what, ok=(0,)):
+    try:
+        result = subprocess.run([*config.QEMU_IMG, *arguments], stdin=subprocess.DEVNULL, capture_output=True,
+                                pass_fds=(fd,), timeout=600, check=False)
+    except OSError as exc:
+        raise SnfError(f"{what}: cannot run {config.QEMU_IMG[0]}: {exc.strerror}") from None
+    except subprocess.TimeoutExpired:
+        raise SnfError(f"{what}: {config.QEMU_IMG[0]} did not finish within 600 s") from None
+    if result.returncode not in ok:
+        lines = result.stderr.decode("utf-8", "replace").strip().splitlines() or [""]
+        raise SnfError(f"{what}: {lines[-1][:300]}")
+    return result
+
+
+def write_qemu_image(job, source, reader, kind):
+    """Write a local image in a qemu format with `qemu-img convert` onto the disk."""
+    config, monitor, disk = job.config, job.monitor, job.disks[0]
+    shown = f"image {os.path.basename(source.path)}"
+    fd = source.file.fileno()
+    log(f"{shown}: {kind} disk image (from its header), written with qemu-img convert")
+    check_qemu_image_header(fd, kind, source.size, shown)
+    name = qemu_image_name(kind, fd)
+    info = _run_qemu_img(config, ["info", "--output=json", name], fd, f"{shown}: corrupt {kind} image")
+    try:
+        details = json.loads(info.stdout)
+        virtual_size = int(details["virtual-size"])
+    except (ValueError, KeyError, TypeError):
+        raise SnfError(f"{shown}: qemu-img info printed no virtual size") from None
+    if details.get("format") != kind:
+        raise SnfError(f"{shown}: qemu-img reads it as {details.get('format')!r}, not as {kind}")
+    if source.checksum:
+        log(f"verifying the image against {source.checksum[2]} before writing")
+        drain(reader)               # hashes the file, holes as zeros; a mismatch raises
+    check = _run_qemu_img(config, ["check", "--output=json", name], fd, f"{shown}: corrupt {kind} image",
+                          ok=(*QEMU_CHECK_OK, 2))
+    if check.returncode == 2:
+        try:
+            corruptions = json.loads(check.stdout).get("corruptions", "some")
+        except ValueError:
+            corruptions = "some"
+        raise SnfError(f"{shown}: corrupt {kind} image: qemu-img check found {corruptions} corruptions "
+                       "(truncated or damaged file)")
+    with DiskWriter(disk.path) as writer:
+        target_size, direct = writer.size, writer.direct
+    if virtual_size > target_size:
+        raise SnfError(f"the image ({virtual_size} bytes) is larger than disk {disk.path} ({target_size} bytes)")
+    monitor.info("Starting image copy...")
+    argv = [*config.QEMU_IMG, "convert", "-p", "-n", "-O", "raw", "-t", "none" if direct else "writeback"]
+    if config.COPY_WRITERS > 1:
+        argv.append("-W")
+    if not config.SPARSE_COPY:
+        argv += ["-S", "0"]
+    progress = CopyProgress(monitor, virtual_size, config.PROGRESS_INTERVAL, "copy")
+    _convert_with_progress([*argv, name, disk.path], fd, progress, virtual_size, shown)
+    progress.update(virtual_size, final=True)
+    monitor.info(f"Image copy finished ({virtual_size} bytes written to {disk.path}).")
+
+
+def _convert_with_progress(argv, fd, progress, virtual_size, shown):
+    """Run qemu-img convert -p, turning its "(NN.NN/100%)" lines into progress messages."""
+    import tempfile
+    with tempfile.TemporaryFile() as errors:
+        try:
+            process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errors,
+                                       pass_fds=(fd,), bufsize=0)
+        except OSError as exc:
+            raise SnfError(f"cannot run {argv[0]}: {exc.strerror}") from None
+        with killing_on_exit(process):
+            pending = b""
+            while True:
+                chunk = process.stdout.read(4096)
+                if not chunk:
+                    break
+                pending += chunk
+                *done, pending = re.split(rb"[\r\n]", pending)
+                for line in reversed(done):
+                    match = re.search(rb"\((\d+(?:\.\d+)?)/100%\)", line)
+                    if match:
+                        progress.update(int(virtual_size * float(match.group(1)) / 100))
+                        break
+            code = process.wait()
+        if code != 0:
+            errors.seek(0)
+            lines = errors.read().decode("utf-8", "replace").strip().splitlines() or [""]
+            raise SnfError(f"{shown}: qemu-img convert failed (exit {code}): {lines[-1][:300]}")
+
+
+# ---------------------------------------------------------------------------
 # Filesystem dumps: the synthesized MBR
 # ---------------------------------------------------------------------------
 
@@ -2533,12 +2830,30 @@ def deploy_image(job):
 def copy_image(job, source):
     """Write the image source onto the deployment's first disk (with the MBR of a filesystem dump)."""
     config, monitor, disk = job.config, job.monitor, job.disks[0]
-    image_format, boot_code, filesystem_dump = job.image_format, job.boot_code, job.filesystem_dump
     if isinstance(source, NullSource):
         monitor.info("Image ID is null: the disk is kept as it is, no data copied.")
         CopyProgress(monitor, 0, config.PROGRESS_INTERVAL, "copy").update(0, final=True)
         return
-    reader, compression = decompressing(source.reader, "image")
+    with decompressing(source.reader, "image") as (reader, compression):
+        image_kind = qemu_image_format(reader.peek(QEMU_HEADER_PEEK))
+        if image_kind:
+            if job.filesystem_dump:
+                raise SnfError(f"the image is a {image_kind} disk image, not a filesystem dump: "
+                               f"use img_format diskdump", 2)
+            if compression or not isinstance(source, LocalSource) or not disk.path:
+                raise SnfError(f"the image is a {image_kind} disk image, which needs random access: "
+                               "only an uncompressed file in IMAGE_DIR can be written onto a disk with a path")
+            write_qemu_image(job, source, reader, image_kind)
+            return
+        copied = _copy_raw(job, source, reader, compression)
+    shown_target = disk.path or redact_url(disk.uri)
+    monitor.info(f"Image copy finished ({copied} bytes written to {shown_target}).")
+
+
+def _copy_raw(job, source, reader, compression):
+    """Copy a raw (possibly decompressed) stream; returns the bytes written."""
+    config, monitor, disk = job.config, job.monitor, job.disks[0]
+    image_format, boot_code, filesystem_dump = job.image_format, job.boot_code, job.filesystem_dump
     image_size = None if compression else source.size
     header = b""
     if filesystem_dump:
@@ -2567,7 +2882,7 @@ def copy_image(job, source):
         progress.update(copied, final=True)
     if filesystem_dump and image_size is None:
         rewrite_first_sector(disk.path, build_mbr(boot_code, image_format, copied - len(header)))
-    monitor.info(f"Image copy finished ({copied} bytes written to {shown_target}).")
+    return copied
 
 
 def _indexed_device(environ, prefix):
