@@ -1086,36 +1086,39 @@ class HoleSkippingFile:
         self.in_hole = False
 
     def _locate(self):
+        """Find the region holding position. Region ends are multiples of
+        FILE_DIRECT_ALIGNMENT (but for the file's end), whatever the file
+        system's block size, so that every skip and every read starts aligned."""
         if self.position < self.region_end or self.position >= self.size:
             return
-        self.in_hole, self.region_end = False, self.size
+        align = FILE_DIRECT_ALIGNMENT
         try:
             data = os.lseek(self.fd, self.position, os.SEEK_DATA)
         except OSError as exc:          # ENXIO: a hole up to the end; else: no hole information
-            self.in_hole = exc.errno == errno.ENXIO
-            return
-        if data > self.position:
-            self.in_hole, self.region_end = True, min(data, self.size)
+            data = self.size if exc.errno == errno.ENXIO else self.position
+            if exc.errno != errno.ENXIO:
+                self.in_hole, self.region_end = False, self.size
+                return
+        hole_end = min(data, self.size) // align * align
+        if hole_end > self.position:
+            self.in_hole, self.region_end = True, hole_end
             return
         try:
-            self.region_end = min(os.lseek(self.fd, self.position, os.SEEK_HOLE), self.size)
+            hole = os.lseek(self.fd, max(data, self.position), os.SEEK_HOLE)
         except OSError:
-            pass
-
-    def _aligned_hole(self):
-        self._locate()
-        if not self.in_hole or self.position >= self.size:
-            return 0
-        length = self.region_end - self.position
-        return length - length % FILE_DIRECT_ALIGNMENT
+            hole = self.size
+        self.in_hole, self.region_end = False, min(-(-hole // align) * align, self.size)
 
     def skip_hole(self):
-        length = self._aligned_hole()
-        self.position += length
+        if not self.at_hole():
+            return 0
+        length = self.region_end - self.position
+        self.position = self.region_end
         return length
 
     def at_hole(self):
-        return self._aligned_hole() > 0
+        self._locate()
+        return self.in_hole and self.position < self.size
 
     def readinto(self, view):
         self._locate()

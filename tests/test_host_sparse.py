@@ -259,3 +259,18 @@ def test_block_device_zeroing_is_blkzeroout(tmp_path):
             content = handle.read()
     assert content[MIB:3 * MIB] == bytes(2 * MIB)
     assert content[:MIB] != bytes(MIB) and content[3 * MIB:] != bytes(MIB)
+
+
+@pytest.mark.parametrize("size", [8 * MIB, 8 * MIB + 100])
+def test_image_ending_in_a_hole(tmp_path, site, size):
+    """The last hole reaches the end (aligned or not): the copy ends, the range is zeros."""
+    image = site.images / "h.img"
+    with open(image, "wb") as handle:
+        handle.write(os.urandom(12345))
+        handle.truncate(size)
+    disk = tmp_path / "disk"
+    random_file(disk, 10 * MIB)
+    result = site.deploy("--disk", disk, "--img-id", "h.img", "--img-format", "diskdump", "--no-helper",
+                         timeout=60)
+    assert result.returncode == 0, result.stderr.decode()
+    assert same_range(disk, image, size)
