@@ -1991,9 +1991,10 @@ class ZeroScanner:
 
     libc memcmp of a run against itself shifted by one byte: a run whose first
     byte is 0 and that equals its shift is all zeros. One pass at memory speed,
-    no zero buffer, the GIL released; a dense run is told by its first byte,
-    so the dense path costs a few microseconds per buffer (memoryview ==
-    compares item by item, 50 times slower).
+    no zero buffer, the GIL released. The first bytes of all runs are fetched
+    in one strided copy: a buffer of dense data is told from them alone, in a
+    few microseconds (memoryview == compares item by item, 50 times slower
+    than memcmp on zeros).
     """
 
     def __init__(self):
@@ -2014,13 +2015,16 @@ class ZeroScanner:
 
     def runs(self, view, count):
         """[(start, end, is_data)] covering view[:count], neighbours of a kind merged."""
+        firsts = view[:count:ZERO_CHUNK].tobytes()     # the first byte of every run, in one call
+        if 0 not in firsts:
+            return [(0, count, True)]
         address = self._address(view)
         if self._is_zero(view, address, 0, count):
             return [(0, count, False)]
         runs = []
-        for start in range(0, count, ZERO_CHUNK):
+        for index, start in enumerate(range(0, count, ZERO_CHUNK)):
             end = min(start + ZERO_CHUNK, count)
-            data = not self._is_zero(view, address, start, end)
+            data = firsts[index] != 0 or not self._is_zero(view, address, start, end)
             if runs and runs[-1][2] == data:
                 runs[-1] = (runs[-1][0], end, data)
             else:
@@ -2983,7 +2987,7 @@ def operation_import(environ):
     with DiskWriter(device) as writer:
         progress = CopyProgress(None, None, 30, f"import disk {index}")
         copied = copy_stream(reader, writer, config.COPY_BUFFER_SIZE, progress, overlap=config.COPY_OVERLAP,
-                             writers=config.COPY_WRITERS)
+                             writers=config.COPY_WRITERS, sparse=config.SPARSE_COPY)
         writer.sync()
     log(f"imported disk {index}: {copied} bytes")
 
