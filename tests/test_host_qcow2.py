@@ -265,3 +265,18 @@ def test_truncated_download_reported_before_the_decompressor(tmp_path, site, htt
     random_file(disk, 5 * MIB)
     result = site.deploy("--disk", disk, "--img-id", url, "--img-format", "diskdump", "--no-helper")
     assert result.returncode == 1 and "stream ended after" in last_line(result)
+
+
+def test_downloaded_qcow2_refused_before_writing(tmp_path, site, http_server):
+    """qcow2 needs random access: a download is refused with one line, the disk untouched."""
+    raw = tmp_path / "raw"
+    raw_with_data(raw, 4 * MIB)
+    qemu_img("convert", "-f", "raw", "-O", "qcow2", raw, tmp_path / "q")
+    url = http_server.serve("/disk.img", (tmp_path / "q").read_bytes())
+    disk = tmp_path / "disk"
+    random_file(disk, 5 * MIB)
+    before = disk.read_bytes()
+    result = site.deploy("--disk", disk, "--img-id", url, "--img-format", "diskdump", "--no-helper")
+    assert result.returncode == 1 and "needs random access" in last_line(result)
+    assert "IMAGE_DIR" in last_line(result)
+    assert disk.read_bytes() == before
