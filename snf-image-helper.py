@@ -56,9 +56,10 @@ DEBUG_FLAG = "snf_image_debug_helper"
 
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
-# Modules the helper needs before it can read the floppy and the disks; the
-# initrd already loaded virtio_blk for the root.  ext4 also mounts ext2.
-BOOT_MODULES = ("virtio_pci", "virtio_blk", "floppy", "ext4")
+# Modules the helper needs before it can read the rules disk and the disks;
+# the initrd already loaded virtio_blk for the root.  ext4 also mounts ext2.
+# (A floppy given as rules_dev=/dev/fd0 also needs `floppy`.)
+BOOT_MODULES = ("virtio_pci", "virtio_blk", "ext4")
 # Loaded on demand before mounting a partition of that file system.
 FS_MODULES = {
     "xfs": ("xfs",), "btrfs": ("btrfs",), "vfat": ("vfat", "nls_cp437", "nls_ascii", "nls_utf8"),
@@ -1197,10 +1198,12 @@ class Deployment:
         if hypervisor != "kvm":
             raise HelperError(f"Unknown or unsupported hypervisor `{hypervisor}' "
                               "(this helper supports hypervisor=kvm)")
-        rules_dev = parameters.get("rules_dev")
-        if not rules_dev:
-            raise HelperError("rules_dev= is missing from the kernel command line")
-        load_modules(*BOOT_MODULES)
+        rules_serial, rules_dev = parameters.get("rules_serial"), parameters.get("rules_dev")
+        if not rules_serial and not rules_dev:
+            raise HelperError("rules_serial= is missing from the kernel command line")
+        load_modules(*BOOT_MODULES, *(("floppy",) if not rules_serial and rules_dev.startswith("/dev/fd") else ()))
+        if rules_serial:     # the rules disk: a small virtio disk found by its serial
+            rules_dev = resolve_disks([rules_serial])[0]
         floppy_dir = self.read_floppy(rules_dev)
         env = self.build_environment(floppy_dir, hypervisor, rules_dev)
         properties = Properties(env)

@@ -303,7 +303,7 @@ def test_worker_check_mode_touches_nothing(tmp_path, monkeypatch):
 @pytest.mark.parametrize("cmdline, message", [
     ("snf_image_activate_helper hypervisor=xen-hvm rules_dev=/dev/fd0",
      "ERROR: Unknown or unsupported hypervisor `xen-hvm' (this helper supports hypervisor=kvm)"),
-    ("snf_image_activate_helper hypervisor=kvm", "ERROR: rules_dev= is missing from the kernel command line"),
+    ("snf_image_activate_helper hypervisor=kvm", "ERROR: rules_serial= is missing from the kernel command line"),
 ])
 def test_worker_bad_command_line(tmp_path, monkeypatch, cmdline, message):
     monkeypatch.setattr(helper, "_monitor_fd", None)
