@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Benchmark: the helper VM's overhead with no tasks, against a libguestfs appliance launch.
 
-Pipeline: image source → O_DIRECT copy → floppy + **helper VM** → tasks → SUCCESS.
+Pipeline: image source → O_DIRECT copy → rules disk + **helper VM** → tasks → SUCCESS.
 This measures the fixed cost every `create` pays for the helper VM: the real
-helper (built by the real builder, cached like the tests' helper) with an
+helper (built by the real builder, cached by tools/helpervm.py) with an
 empty tasks directory and EXCLUDE_ALL_TASKS, launched by snf-image-host.py's
 own launcher (make_floppy + run_helper_vm: exactly what `create` does after
 the copy) under TCG, until it writes SUCCESS and powers off.
@@ -33,11 +33,9 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
+import helpervm  # builds and caches the helper as the tests do
+from repository import load_script
 
-import helpervm  # noqa: E402  (the test fixture module builds and caches the helper)
-from conftest import load_script  # noqa: E402
 
 GOAL_RATIO = 0.25
 TIMEOUT_SECONDS = 600
