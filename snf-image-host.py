@@ -3233,29 +3233,73 @@ def supports_direct_io(path):
     return True
 
 
-def helper_command(config, release, accel, disks, floppy, fds):
-    append = ("console=ttyS0 panic=-1 quiet ro root=/dev/vda rootfstype=ext4 "
-              "init=/usr/bin/snf-image-helper hypervisor=kvm snf_image_activate_helper rules_dev=/dev/fd0")
+# The helper's kernel command line. Besides what the helper needs (console,
+# root, init, activation), options that shorten the boot under TCG, each
+# measured by tools/bench-helper.py and none taking away a device the helper
+# uses: no speculative-execution mitigations and no zeroing of every
+# allocation (the VM runs nothing but the helper and lives for one
+# deployment), no timer and TSC checks, no crypto self-tests, expedited RCU
+# grace periods, no keyboard/mouse probing, one PCI bus, no audit, no KASLR,
+# no read-only remapping of the kernel (and so no W+X scan).
+HELPER_KERNEL_OPTIONS = (
+    "console=ttyS0", "panic=-1", "quiet", "ro", "root=/dev/vda", "rootfstype=ext4",
+    "mitigations=off", "init_on_alloc=0", "tsc=reliable", "no_timer_check",
+    "cryptomgr.notests", "rcupdate.rcu_expedited=1", "i8042.noaux", "i8042.nokbd",
+    "pci=lastbus=0", "audit=0", "nokaslr", "rodata=off", "nowatchdog",
+)
+HELPER_INIT = "/usr/bin/snf-image-helper"
+# qemu's minimal firmware: it hands over to the kernel about 2 s sooner than
+# SeaBIOS under TCG. Where qemu does not ship it, qemu's default BIOS is used.
+HELPER_FIRMWARE_CANDIDATES = ("/usr/share/qemu/qboot.rom",)
+HELPER_ROOT_SERIAL = "snf-helper-root"
+RULES_SERIAL = "snf-rules"
+
+
+def helper_firmware():
+    return next((path for path in HELPER_FIRMWARE_CANDIDATES if os.path.isfile(path)), None)
+
+
+def helper_command(config, release, accel, disks, rules, ports, *, kernel=None, init=HELPER_INIT,
+                   extra_append=()):
+    """The helper VM's qemu command line (DESIGN.md §4). The one place it is
+    built: `create`, the builder's --check and tools/bench-helper.py use it.
+
+    `rules` is the rules image (None: no rules disk and no activation flag, as
+    the builder's boot check wants); `ports` maps console, result and progress
+    to an inherited descriptor (int) or a file path (str); a missing port is
+    discarded. `kernel` replaces the release's kernel (the benchmark's bzImage)."""
+    append = [*HELPER_KERNEL_OPTIONS, f"init={init}", "hypervisor=kvm"]
+    if rules is not None:
+        append += ["snf_image_activate_helper", f"rules_serial={RULES_SERIAL}"]
     if config.HELPER_DEBUG:
-        append += " snf_image_debug_helper"
+        append.append("snf_image_debug_helper")
+    append += list(extra_append)
+    firmware = helper_firmware()
     argv = config.QEMU + [
         "-accel", accel, "-machine", "pc", "-cpu", "max", "-smp", "1", "-m", str(config.HELPER_MEMORY),
         "-nodefaults", "-nographic", "-no-reboot", "-vga", "none", "-monitor", "none",
-        "-parallel", "none",
-        "-kernel", os.path.join(release, "kernel"), "-initrd", os.path.join(release, "initrd"),
-        "-append", append,
+        "-parallel", "none", *(["-bios", firmware] if firmware else []),
+        "-kernel", str(kernel or os.path.join(release, "kernel")),
+        "-initrd", os.path.join(release, "initrd"),
+        "-append", " ".join(append),
         "-drive", f"file={qemu_drive_value(os.path.join(release, 'image'))},format=raw,if=none,"
                   "id=helperroot,readonly=on",
-        "-device", "virtio-blk-pci,drive=helperroot,serial=snf-helper-root",
+        "-device", f"virtio-blk-pci,drive=helperroot,serial={HELPER_ROOT_SERIAL}",
     ]
     for disk in disks:
         cache = "none" if disk.path is None or supports_direct_io(disk.path) else "writeback"
         argv += ["-drive", f"file={qemu_drive_value(disk.target)},format=raw,if=none,id=disk{disk.index},"
                            f"cache={cache},aio=threads",
                  "-device", f"virtio-blk-pci,drive=disk{disk.index},serial=snf-disk{disk.index}"]
-    argv += ["-drive", f"file={qemu_drive_value(floppy)},if=floppy,format=raw,readonly=on"]
+    if rules is not None:
+        argv += ["-drive", f"file={qemu_drive_value(str(rules))},format=raw,if=none,id=rules,readonly=on",
+                 "-device", f"virtio-blk-pci,drive=rules,serial={RULES_SERIAL}"]
     for name in ("console", "result", "progress"):
-        argv += ["-serial", f"file:/proc/self/fd/{fds[name]}"]
+        port = ports.get(name)
+        if port is None:
+            argv += ["-serial", "null"]
+        else:
+            argv += ["-serial", f"file:/proc/self/fd/{port}" if isinstance(port, int) else f"file:{port}"]
     argv += ["-serial", "pty" if config.HELPER_DEBUG else "null"]
     if config.HELPER_USER != "root":
         argv += ["-runas", config.HELPER_USER]
