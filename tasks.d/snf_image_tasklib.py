@@ -557,6 +557,7 @@ SYSTEMD_LIB_DIRS = ("/usr/lib/systemd", "/lib/systemd",
                     "/usr/lib/x86_64-linux-gnu/systemd", "/usr/lib64/systemd")
 # systemd 247 made "uninitialized" in /etc/machine-id mean "first boot".
 UNINITIALIZED_SINCE = 247
+RUNTIME_PATHS = ("/run/", "/proc/", "/sys/", "/dev/", "/tmp/", "/var/run/")
 PULLING_KEYS = ("Wants", "Requires", "Requisite", "BindsTo", "Upholds")
 VIRTUALIZATION_TRUE = {"yes", "true", "1", "vm", "kvm", "qemu"}
 VIRTUALIZATION_FALSE = {"no", "false", "0", "container", "docker", "lxc", "lxc-libvirt",
@@ -735,6 +736,9 @@ def condition_value(root, key, argument, first_boot):
     if kind == "FirstBoot":
         wanted = argument.lower() in ("yes", "true", "1", "on")
         return wanted == first_boot
+    if kind.startswith(("Path", "File", "Directory")) and \
+            argument.startswith(RUNTIME_PATHS):
+        return None             # made at boot: only the running system can tell
     if kind == "PathExists":
         return root.exists(argument) or root.is_link(argument)
     if kind == "PathExistsGlob":

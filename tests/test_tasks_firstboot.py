@@ -137,6 +137,13 @@ def test_masked_not_pulled_and_dropin_conditions(tmp_path):
             "[Unit]\nConditionKernelCommandLine=!nokeys\n"})
     with LIB.ImageRoot(kernel) as root:
         assert LIB.unit_will_run(root, "sshd-keygen.service") is None
+    # Paths made at boot (Red Hat's cloud-init drop-in) cannot be decided either.
+    runtime = debian13(tmp_path / "runtime", "uninitialized\n", **{
+        "/usr/lib/systemd/system/sshd-keygen.service.d/cloud.conf":
+            "[Unit]\nConditionPathExists=!/run/systemd/generator.early/multi-user.target.wants/"
+            "cloud-init.target\n"})
+    with LIB.ImageRoot(runtime) as root:
+        assert LIB.unit_will_run(root, "sshd-keygen.service") is None
 
 
 def test_redhat_template_through_its_target(tmp_path):
@@ -312,3 +319,30 @@ def test_unavailable_libcrypt_method(monkeypatch):
         PASSWORD.hash_password("pw", "yescrypt")
     monkeypatch.setattr(PASSWORD.helper, "warn", lambda message: None)
     assert PASSWORD.hash_password("pw", "yescrypt", fallback=True).startswith("$6$")
+
+
+# --------------------------------------------------------------------------
+# cloud-init's per-instance state
+# --------------------------------------------------------------------------
+
+def test_cloud_init_state_of_the_same_instance_is_forgotten(run, tmp_path):
+    require_root()
+    cloud = "/var/lib/cloud"
+    state = {f"{cloud}/data/instance-id": "vm9.example.org\n",
+             f"{cloud}/instance": ("link", f"{cloud}/instances/vm9.example.org"),
+             f"{cloud}/instances/vm9.example.org/obj.pkl": "pickle",
+             f"{cloud}/instances/vm9.example.org/sem/config_ssh": "done",
+             f"{cloud}/instances/vm9.example.org/sem/config_users_groups": "done",
+             f"{cloud}/instances/vm9.example.org/user-data.txt": "kept",
+             "/etc/cloud/cloud.cfg.d": None}
+    env = {"SNF_IMAGE_PROPERTY_CLOUD_INIT": "yes"}
+    same = tree(tmp_path / "same", state)
+    result = run("35InitializeDatasource", same, env)
+    assert "state of instance vm9.example.org: 5 file(s) removed" in result.stderr
+    instance = same / "var/lib/cloud/instances/vm9.example.org"
+    assert sorted(p.name for p in instance.rglob("*")) == ["sem", "user-data.txt"]
+    assert not (same / "var/lib/cloud/instance").is_symlink()
+    other = tree(tmp_path / "other", dict(state, **{f"{cloud}/data/instance-id": "vm1\n"}))
+    result = run("35InitializeDatasource", other, env)
+    assert "new instance" in result.stderr
+    assert (other / "var/lib/cloud/instances/vm9.example.org/sem/config_ssh").exists()
