@@ -111,8 +111,9 @@ MACHINE_IDS = {"id": lambda: uuid.uuid4().hex + "\n", "empty": lambda: "",
 SYSTEMD_BOOT_EFI = "usr/lib/systemd/boot/efi/systemd-bootx64.efi"
 KERNEL_OPTIONS = "console=tty0 console=ttyS0,115200n8"
 # A TCG guest on a busy machine can take minutes to coldplug its disks:
-# systemd's default 90 s wait for the fstab devices (/boot, /boot/efi) is too short.
-SLOW_DEVICE = "x-systemd.device-timeout=600"
+# systemd's default 90 s wait for the devices in fstab (/boot, /boot/efi, the
+# swap a deployment adds) is too short.
+SLOW_DEVICES_CONF = "[Manager]\nDefaultDeviceTimeoutSec=600\n"
 
 # GPT layout sizes (MiB); the root partition takes the rest, and comes last.
 GPT_BOOT_MIB = 192
@@ -219,7 +220,9 @@ report() {
     done
     item machine_id cat /etc/machine-id
     item sshd_active sh -c 'systemctl is-active ssh.service 2>/dev/null || systemctl is-active sshd.service'
-    item sshd_served_keys sh -c 'ssh-keyscan -T 10 127.0.0.1 2>/dev/null | ssh-keygen -lf -'
+    item sshd_served_keys sh -c 'for try in 1 2 3; do
+        keys=$(ssh-keyscan -T 30 127.0.0.1 2>/dev/null) && [ -n "$keys" ] && break; sleep 5; done
+        printf "%s\n" "$keys" | ssh-keygen -lf -'
     item first_boot_units systemctl show --no-pager -p Id -p ConditionResult -p ActiveState \
         -p Result systemd-firstboot.service sshd-keygen.service systemd-machine-id-commit.service
     item journal_first_boot sh -c 'journalctl -b --no-pager -o cat | grep -iE "first boot|firstboot|initializing machine id" | head -n 20'
@@ -500,11 +503,11 @@ def customize(root, recipe, uuids):
     else:
         fstab = [f"UUID={uuids['root']}\t/\text4\terrors=remount-ro\t0\t1"]
     if separate_boot:
-        fstab.append(f"UUID={uuids['boot']}\t/boot\text4\tdefaults,{SLOW_DEVICE}\t0\t2")
+        fstab.append(f"UUID={uuids['boot']}\t/boot\text4\tdefaults\t0\t2")
         fstab.append(f"UUID={uuids['swap']}\tnone\tswap\tsw\t0\t0")
     if recipe["table"] == "gpt-cloud":
         (root / "boot/efi").mkdir(parents=True, exist_ok=True)
-        fstab.append(f"UUID={uuids['esp']}\t/boot/efi\tvfat\tdefaults,{SLOW_DEVICE}\t0\t0")
+        fstab.append(f"UUID={uuids['esp']}\t/boot/efi\tvfat\tdefaults\t0\t0")
     write(root, "etc/fstab", "# /etc/fstab: static file system information.\n"
           + "\n".join(fstab) + "\n")
     write(root, "etc/hostname", IMAGE_HOSTNAME + "\n")
@@ -519,6 +522,7 @@ def customize(root, recipe, uuids):
         dbus_machine_id.parent.mkdir(parents=True, exist_ok=True)
         dbus_machine_id.symlink_to("/etc/machine-id")
     write(root, "etc/resolv.conf", "")
+    write(root, "etc/systemd/system.conf.d/50-snf-test-slow-tcg.conf", SLOW_DEVICES_CONF)
     # No `locales` package: C.UTF-8 is the locale glibc always has.
     write(root, "etc/default/locale", "LANG=C.UTF-8\n")
     if recipe["cloud_init"]:
