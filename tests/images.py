@@ -30,8 +30,6 @@ TODAY_SUITE = os.environ.get("SNF_IMAGE_TEST_TODAY_SUITE", "trixie")
 IMAGES_DIR = CACHE_DIR / "images"
 LAYOUTS = {"mbr": SUITE, "gpt": SUITE, "gpt-cloud": SUITE, "mbr-cloudinit": SUITE,
            "gpt-xfs": TODAY_SUITE, "gpt-cloud-uefi": TODAY_SUITE, "mbr-nm": TODAY_SUITE}
-# Layouts a UEFI firmware boots (tests/guest.py boot(firmware=...)).
-UEFI_LAYOUTS = ("gpt-cloud-uefi",)
 
 
 def builder():
