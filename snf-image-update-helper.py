@@ -64,6 +64,7 @@ HELPER_PACKAGES = (
     "usr-is-merged", "python3", "util-linux", "e2fsprogs", "fdisk", "gdisk",
     "parted", "dosfstools", "xfsprogs", "btrfs-progs", "ntfs-3g",
     "libhivex-bin", "kmod", "busybox-static", "linux-image-amd64",
+    "openssh-client", "libcrypt1",  # new SSH host keys, yescrypt password hashes
 )
 
 # Modules the initrd loads (with their dependencies) to reach the root disk.
