@@ -116,33 +116,48 @@ WINDOWS_TIMEZONES = {
     "300": "Tonga Standard Time",
 }
 
+# The default answer files, written from Microsoft's unattend schema: the
+# specialize pass names the machine "*" (a random name until the helper writes
+# the instance's), sets the time zone and marks the local account step of OOBE
+# as done (the helper sets the passwords); the oobeSystem pass answers every
+# OOBE question.  Each component is present for amd64 and x86 images; the
+# helper adds ComputerName, ProductKey, passwords and its commands.
 UNATTEND_TEMPLATE = """<?xml version="1.0" encoding="utf-8"?>
-<!-- Default answer file written by snf-image (time zone from WINDOWS_TIMEZONE). -->
-<unattend xmlns="urn:schemas-microsoft-com:unattend">
+<!-- Default answer file of snf-image (time zone from WINDOWS_TIMEZONE). -->
+<unattend xmlns="urn:schemas-microsoft-com:unattend" xmlns:wcm="http://schemas.microsoft.com/WMIConfig/2002/State">
 {components}
 </unattend>
 """
 UNATTEND_COMPONENTS = """  <settings pass="specialize">
-    <component name="Microsoft-Windows-Shell-Setup" processorArchitecture="{arch}" publicKeyToken="31bf3856ad364e35" language="neutral" versionScope="nonSxS" xmlns:wcm="http://schemas.microsoft.com/WMIConfig/2002/State">
+    <component name="Microsoft-Windows-Shell-Setup" processorArchitecture="{arch}" publicKeyToken="31bf3856ad364e35" language="neutral" versionScope="nonSxS">
       <ComputerName>*</ComputerName>
       <TimeZone>{timezone}</TimeZone>
       <DisableAutoDaylightTimeSet>false</DisableAutoDaylightTimeSet>
       <RegisteredOrganization>snf-image</RegisteredOrganization>
       <RegisteredOwner>snf-image</RegisteredOwner>
     </component>
+    <component name="Microsoft-Windows-Deployment" processorArchitecture="{arch}" publicKeyToken="31bf3856ad364e35" language="neutral" versionScope="nonSxS">
+      <RunSynchronous>
+        <RunSynchronousCommand wcm:action="add">
+          <Description>No local account to create in OOBE</Description>
+          <Order>1</Order>
+          <Path>reg.exe add "HKLM\\SOFTWARE\\Microsoft\\Windows\\CurrentVersion\\Setup\\OOBE" /v UnattendCreatedUser /t REG_DWORD /d 1 /f</Path>
+        </RunSynchronousCommand>
+      </RunSynchronous>
+    </component>
   </settings>
   <settings pass="oobeSystem">
-    <component name="Microsoft-Windows-International-Core" processorArchitecture="{arch}" publicKeyToken="31bf3856ad364e35" language="neutral" versionScope="nonSxS" xmlns:wcm="http://schemas.microsoft.com/WMIConfig/2002/State">
+    <component name="Microsoft-Windows-International-Core" processorArchitecture="{arch}" publicKeyToken="31bf3856ad364e35" language="neutral" versionScope="nonSxS">
       <InputLocale>en-US</InputLocale>
       <SystemLocale>en-US</SystemLocale>
       <UILanguage>en-US</UILanguage>
       <UserLocale>en-US</UserLocale>
     </component>
-    <component name="Microsoft-Windows-Shell-Setup" processorArchitecture="{arch}" publicKeyToken="31bf3856ad364e35" language="neutral" versionScope="nonSxS" xmlns:wcm="http://schemas.microsoft.com/WMIConfig/2002/State">
+    <component name="Microsoft-Windows-Shell-Setup" processorArchitecture="{arch}" publicKeyToken="31bf3856ad364e35" language="neutral" versionScope="nonSxS">
       <OOBE>
         <HideEULAPage>true</HideEULAPage>
         <NetworkLocation>Other</NetworkLocation>
-        <ProtectYourPC>1</ProtectYourPC>
+        <ProtectYourPC>3</ProtectYourPC>
       </OOBE>
     </component>
   </settings>"""
@@ -1851,25 +1866,31 @@ def write_private(path, data):
         handle.write(data)
 
 
-def make_floppy(workdir, config, rules, params):
+def answer_files(config, params):
+    """(unattend.xml, sysprep.inf) for the floppy; sysprep.inf None means "the
+    same file" (os_answer_file serves both Windows generations, as upstream).
+    Called before the disk is written: a missing or unreachable answer file
+    fails the deployment with the disk untouched."""
+    if config.UNATTEND:
+        warn("the UNATTEND setting is deprecated; use os_answer_file")
+        try:
+            unattend = Path(config.UNATTEND).read_bytes()
+        except OSError as exc:
+            raise SnfError(f"cannot read UNATTEND file {config.UNATTEND}: {exc.strerror}", 2) from None
+        return unattend, default_answer_files(config.WINDOWS_TIMEZONE)[1]
+    if params.get("os_answer_file"):
+        return fetch_answer_file(params["os_answer_file"], config.IMAGE_DIR), None
+    return default_answer_files(config.WINDOWS_TIMEZONE)
+
+
+def make_floppy(workdir, config, rules, params, answers=None):
     """Write rules.json, unattend.xml, sysprep.inf into a 1440 KiB ext2 image (mkfs.ext2 -d)."""
     content = os.path.join(workdir, "floppy-content")
     os.mkdir(content, 0o700)
     try:
         write_private(os.path.join(content, "rules.json"),
                       json.dumps(rules, indent=1, sort_keys=True).encode())
-        if config.UNATTEND:
-            warn("the UNATTEND setting is deprecated; use os_answer_file")
-            try:
-                unattend = Path(config.UNATTEND).read_bytes()
-            except OSError as exc:
-                raise SnfError(f"cannot read UNATTEND file {config.UNATTEND}: {exc.strerror}", 2) from None
-            sysprep = default_answer_files(config.WINDOWS_TIMEZONE)[1]
-        elif params.get("os_answer_file"):
-            unattend = fetch_answer_file(params["os_answer_file"], config.IMAGE_DIR)
-            sysprep = None
-        else:
-            unattend, sysprep = default_answer_files(config.WINDOWS_TIMEZONE)
+        unattend, sysprep = answers if answers is not None else answer_files(config, params)
         write_private(os.path.join(content, "unattend.xml"), unattend)
         if sysprep is None:
             os.symlink("unattend.xml", os.path.join(content, "sysprep.inf"))
@@ -2226,6 +2247,7 @@ def deploy_image(config, monitor, environ, params, disks, instance, run_helper):
         for program in (config.QEMU[0], config.MKFS_EXT2[0]):
             if shutil.which(program) is None:
                 raise SnfError(f"program {program} not found (needed for the helper VM)")
+    answers = answer_files(config, params) if run_helper else None    # before the disk is written
     # the work directory holds the floppy: only the helper VM needs one
     with private_temp_dir(config.TEMP_DIR) if run_helper else nullcontext() as workdir:
         with open_image_source(config, img_id, image_format) as source:
@@ -2239,7 +2261,7 @@ def deploy_image(config, monitor, environ, params, disks, instance, run_helper):
                                       bool(params.get("os_answer_file")) and not config.UNATTEND),
             "disks": [f"snf-disk{disk.index}" for disk in disks],
         }
-        floppy = make_floppy(workdir, config, rules, params)
+        floppy = make_floppy(workdir, config, rules, params, answers)
         run_helper_vm(config, monitor, release, disks, floppy, workdir)
         monitor.info("Image customization finished successfully.")
 
