@@ -84,6 +84,7 @@ MBR_FAMILY_BY_TYPE = {0xA5: "freebsd", 0xA6: "openbsd", 0xA9: "netbsd"}
 MBR_CHECK_BY_TYPE = {0x07: "windows", 0x83: "linux"}
 GPT_FREEBSD_UFS = "516E7CB6-6ECF-11D6-8FF8-00022D09712B"
 GPT_MS_BASIC_DATA = "EBD0A0A2-B9E5-4433-87C0-68B6B72699C7"
+GPT_MS_RESERVED = "E3C9E316-0B5C-4DB8-817D-F92DF00215AE"
 ROOT_FS_RE = {
     "windows": re.compile(r"ntfs|ntfs-3g|vfat|msdos|fat|fuse|fuseblk"),
     "linux": re.compile(r"ext[234]|xfs|jfs|zfs|btrfs|reiserfs|reiser4"),
@@ -541,6 +542,8 @@ def detection_candidates(table):
     if table["label"] == "gpt":
         candidates = []
         for partition in table["partitions"]:
+            if partition["type"] == GPT_MS_RESERVED:      # never holds a file system
+                continue
             if partition["type"] == GPT_FREEBSD_UFS:
                 family = "freebsd"
             elif partition["type"] == GPT_MS_BASIC_DATA:

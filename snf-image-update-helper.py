@@ -55,7 +55,7 @@ if sys.version_info < (3, 11):
 SNF_IMAGE_VERSION = "0.24.0"  # as snf-image-host.py
 
 # Bump when the root stage changes in a way the cache key does not see.
-ROOT_RECIPE_VERSION = 3
+ROOT_RECIPE_VERSION = 4
 
 DEFAULT_CONFIG_FILE = "/etc/default/snf-image"
 HOST_APT_SOURCES = ("/etc/apt/sources.list.d/debian.sources", "/etc/apt/sources.list")
@@ -881,7 +881,9 @@ def prune_root(root):
     gconv = root / "usr/lib/x86_64-linux-gnu/gconv"
     if gconv.is_dir():
         for path in gconv.iterdir():
-            if not (path.name.startswith("gconv-modules") or path.name.startswith(("UTF-", "UNICODE"))):
+            # hivex reads the registry's compressed key names as Latin-1
+            if not (path.name.startswith("gconv-modules") or
+                    path.name.startswith(("UTF-", "UNICODE", "ISO8859-1."))):
                 remove_path(path)
     zoneinfo = root / "usr/share/zoneinfo"
     if zoneinfo.is_dir():

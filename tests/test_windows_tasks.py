@@ -265,14 +265,16 @@ def test_personality_on_ntfs_keeps_backups(ntfs, run):
 
 
 def test_helper_root_has_the_windows_tools(helper_vm_dir):
-    """ntfs-3g, ntfsresize, hivexsh and hivexget are in the built helper root."""
+    """ntfs-3g, ntfsresize, hivexsh and hivexget (and the Latin-1 converter hivex
+    needs for key names) are in the built helper root."""
     release = Path(helper_vm_dir) / "current"
     manifest = json.loads((release / "manifest.json").read_text())
     assert {"ntfs-3g", "libhivex-bin"} <= set(manifest["packages"])
     require_programs("debugfs")
     for program in ("/usr/bin/ntfs-3g", "/usr/bin/lowntfs-3g", "/usr/sbin/ntfsresize",
                     "/usr/bin/ntfsinfo", "/usr/bin/hivexsh", "/usr/bin/hivexget",
-                    "/usr/sbin/mount.lowntfs-3g"):
+                    "/usr/sbin/mount.lowntfs-3g",
+                    "/usr/lib/x86_64-linux-gnu/gconv/ISO8859-1.so"):   # hivex's key names
         listing = subprocess.run(["debugfs", "-R", f"stat {program}", str(release / "image")],
                                  capture_output=True, text=True)
         assert "Type: regular" in listing.stdout or "Type: symlink" in listing.stdout, program

@@ -21,7 +21,6 @@ Layouts (`windows_image(name)`):
 import contextlib
 import fcntl
 import hashlib
-import os
 import subprocess
 import tempfile
 import time
@@ -29,6 +28,7 @@ from pathlib import Path
 
 import regf
 from conftest import CACHE_DIR
+from test_e2e_helper import leftover_processes
 
 HERE = Path(__file__).resolve().parent
 IMAGES_DIR = CACHE_DIR / "images"
@@ -144,19 +144,7 @@ def partitions(layout):
 def wait_for_fuse(mount_point):
     """ntfs-3g writes its last data when its process exits after the unmount."""
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        busy = False
-        for pid in os.listdir("/proc"):
-            if not pid.isdigit():
-                continue
-            try:
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if b"ntfs-3g" in cmdline and str(mount_point).encode() in cmdline:
-                busy = True
-        if not busy:
-            return
+    while leftover_processes(mount_point) and time.monotonic() < deadline:
         time.sleep(0.2)
 
 
