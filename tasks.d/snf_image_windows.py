@@ -500,11 +500,16 @@ def guest_path(path):
     return "C:" + path.replace("/", "\\")
 
 
-def ensure_scripts(root):
-    """SnfScripts and SetupComplete.cmd (kept if the image has one)."""
+def ensure_scripts(root, warn=None):
+    """SnfScripts and SetupComplete.cmd (kept if the image has one; `warn` is
+    told when its own lines could stop it before ours run)."""
     root.makedirs(SCRIPTS_DIR, *DIR_MODE)
-    if not root.is_file(SETUP_COMPLETE):
+    existing = root.read_bytes(SETUP_COMPLETE)
+    if existing is None:
         root.write(SETUP_COMPLETE, b"", parents=DIR_MODE)
+    elif warn and re.search(rb"^\s*(@\s*)?(exit|goto)\b", existing, re.IGNORECASE | re.MULTILINE):
+        warn("The image's SetupComplete.cmd has an `exit' or `goto' line: the clean-up "
+             "lines snf-image appends to it may not run")
 
 
 def append_setup_complete(root, lines):

@@ -181,9 +181,11 @@ def check_unchanged_system_reserved(deployment):
 
 
 def password_bearing_files(system):
-    """Every file of the system drive holding the password (UTF-8 or UTF-16)."""
+    """Every file of the system drive holding the password (as is, UTF-16, XML- or
+    INF-quoted)."""
     needles = (PASSWORD.encode(), PASSWORD.encode("utf-16-le"),
-               PASSWORD.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").encode())
+               PASSWORD.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").encode(),
+               PASSWORD.replace('"', '""').encode("cp1252"))        # sysprep.inf quoting
     found = []
     for directory, _, names in os.walk(system):
         for name in names:

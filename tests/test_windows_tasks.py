@@ -233,8 +233,11 @@ def test_windows_task_errors(ntfs, run):
 
 def test_image_answer_file_kept_unless_ignored(ntfs, run):
     target = ntfs("gpt")
+    setup_complete = target / "windows/setup/scripts/setupcomplete.cmd"
+    setup_complete.write_bytes(setup_complete.read_bytes() + b"EXIT /B 0\r\n")
     result = run("35InstallUnattend", target)
     assert "Using the unattend.xml file found in the image" in result.stderr
+    assert "SetupComplete.cmd has an `exit' or `goto' line" in result.stderr
     assert b"the image's own answer file" in (target / "unattend.xml").read_bytes()
     run("35InstallUnattend", target, {"SNF_IMAGE_PROPERTY_IGNORE_UNATTEND": "yes"})
     assert b"the image's own answer file" not in (target / "unattend.xml").read_bytes()
