@@ -41,6 +41,7 @@ import subprocess
 import threading
 import time
 import urllib.parse
+from collections import namedtuple
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -2117,10 +2118,17 @@ def run_qemu_helper(build_argv, config, monitor, workdir):
                         os.close(fd)
                     except OSError:
                         pass
-    _check_helper_outcome(*outcome, config)
+    _check_helper_outcome(outcome, config)
+
+
+class HelperOutcome(namedtuple("HelperOutcome", "exit_code result timed_out console_tail qemu_tail")):
+    """How a helper VM run ended: qemu's exit status, the bytes of the result
+    port, None / "terminated" / "killed", and the last console and qemu lines."""
+    __slots__ = ()
 
 
 def _supervise(process, readers, config, monitor):
+    """Relay the helper's ports until qemu exits and its pipes close; a HelperOutcome."""
     import selectors
     console = LineRelay("HELPER: ", keep=3)
     qemu_output = LineRelay("qemu: ", keep=3)
@@ -2170,24 +2178,26 @@ def _supervise(process, readers, config, monitor):
     protocol.finish()
     elapsed = time.monotonic() - started
     log(f"helper VM stopped after {elapsed:.1f} s (qemu exit status {process.returncode})")
-    return process.returncode, result, timed_out, console.last, qemu_output.last
+    return HelperOutcome(exit_code=process.returncode, result=result, timed_out=timed_out,
+                         console_tail=console.last, qemu_tail=qemu_output.last)
 
 
-def _check_helper_outcome(code, result, timed_out, console_last, qemu_last, config):
-    if timed_out:
+def _check_helper_outcome(outcome, config):
+    """Return only when the helper reported SUCCESS; otherwise the one-line reason."""
+    if outcome.timed_out:
         raise SnfError(f"helper VM did not finish within HELPER_SOFT_TIMEOUT "
-                       f"({config.HELPER_SOFT_TIMEOUT:g} s) and was {timed_out}", 3)
-    first = result.decode("utf-8", "replace").replace("\r", "").split("\n")[0].strip()
-    if code != 0:
-        detail = qemu_last[-1] if qemu_last else "no error message"
-        raise SnfError(f"helper VM crashed (qemu exit status {code}): {detail}", 3)
+                       f"({config.HELPER_SOFT_TIMEOUT:g} s) and was {outcome.timed_out}", 3)
+    first = outcome.result.decode("utf-8", "replace").replace("\r", "").split("\n")[0].strip()
+    if outcome.exit_code != 0:
+        detail = outcome.qemu_tail[-1] if outcome.qemu_tail else "no error message"
+        raise SnfError(f"helper VM crashed (qemu exit status {outcome.exit_code}): {detail}", 3)
     if first == "SUCCESS":
         return
     if first.startswith("ERROR:"):
         raise SnfError(f"image customization failed inside the helper VM: {first[6:].strip()}", 3)
     if first:
         raise SnfError(f"helper VM reported an unexpected result: {first[:80]!r}", 3)
-    detail = console_last[-1] if console_last else "no console output"
+    detail = outcome.console_tail[-1] if outcome.console_tail else "no console output"
     raise SnfError(f"helper VM stopped without reporting a result (last console line: {detail[:120]})", 3)
 
 
@@ -2224,7 +2234,8 @@ def _create(environ, run_helper):
         log(f"hypervisor {environ['HYPERVISOR']}: the helper VM runs under qemu anyway")
     with Monitor(config.PROGRESS_MONITOR, instance) as monitor:
         try:
-            deploy_image(config, monitor, environ, params, disks, instance, run_helper)
+            deploy_image(Deployment(config=config, monitor=monitor, environ=environ, params=params,
+                                    disks=disks, instance=instance, run_helper=run_helper))
         except SnfError as exc:
             monitor.send("image-error", messages=[str(exc)])
             raise
@@ -2233,12 +2244,33 @@ def _create(environ, run_helper):
             raise
 
 
-def deploy_image(config, monitor, environ, params, disks, instance, run_helper):
-    img_id, image_format = params["img_id"], params["img_format"]
+class Deployment(namedtuple("Deployment", "config monitor environ params disks instance run_helper boot_code",
+                            defaults=(None,))):
+    """One deployment's inputs, gathered once by _create and handed down the pipeline
+    (deploy_image → copy_image → floppy → helper VM). Read-only: a stage that learns
+    more (the MBR boot code) passes on a copy made with _replace. A named tuple, not a
+    dataclass: importing dataclasses would cost every OS operation ~30 ms."""
+    __slots__ = ()
+
+    @property
+    def image_format(self):
+        return self.params["img_format"]
+
+    @property
+    def filesystem_dump(self):
+        """extdump/ntfsdump: a bare file system, written after an MBR built on the host."""
+        return self.image_format in ("extdump", "ntfsdump")
+
+
+def deploy_image(job):
+    """Copy the image onto the first disk, then (unless run_helper is false) customize it."""
+    config, monitor, environ, params = job.config, job.monitor, job.environ, job.params
+    disks, instance, run_helper = job.disks, job.instance, job.run_helper
+    img_id, image_format = params["img_id"], job.image_format
     monitor.info(f"Processing image with ID: {redact_url(img_id)} and type: {image_format}")
-    filesystem_dump = image_format in ("extdump", "ntfsdump")
-    boot_code = find_mbr_boot_code(config.MBR_BIN) if filesystem_dump else None
-    if filesystem_dump and img_id == "null":
+    if job.filesystem_dump:
+        job = job._replace(boot_code=find_mbr_boot_code(config.MBR_BIN))
+    if job.filesystem_dump and img_id == "null":
         raise SnfError("img_id null (keep the disk) works only with img_format diskdump", 2)
     release = None
     if run_helper:      # fail before the disk is touched when the helper cannot run at all
@@ -2251,7 +2283,7 @@ def deploy_image(config, monitor, environ, params, disks, instance, run_helper):
     # the work directory holds the floppy: only the helper VM needs one
     with private_temp_dir(config.TEMP_DIR) if run_helper else nullcontext() as workdir:
         with open_image_source(config, img_id, image_format) as source:
-            copy_image(config, monitor, source, disks[0], image_format, boot_code, filesystem_dump)
+            copy_image(job, source)
         if not run_helper:
             monitor.info("Image copied; --no-helper given: the image was NOT customized.")
             return
@@ -2266,7 +2298,10 @@ def deploy_image(config, monitor, environ, params, disks, instance, run_helper):
         monitor.info("Image customization finished successfully.")
 
 
-def copy_image(config, monitor, source, disk, image_format, boot_code, filesystem_dump):
+def copy_image(job, source):
+    """Write the image source onto the deployment's first disk (with the MBR of a filesystem dump)."""
+    config, monitor, disk = job.config, job.monitor, job.disks[0]
+    image_format, boot_code, filesystem_dump = job.image_format, job.boot_code, job.filesystem_dump
     if isinstance(source, NullSource):
         monitor.info("Image ID is null: the disk is kept as it is, no data copied.")
         CopyProgress(monitor, 0, config.PROGRESS_INTERVAL, "copy").update(0, final=True)

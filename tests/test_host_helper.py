@@ -359,3 +359,27 @@ def test_answer_file_outside_image_dir_is_refused(tmp_path):
         host.fetch_answer_file("file:///etc/shadow", config.IMAGE_DIR)
     with pytest.raises(host.SnfError, match="inside IMAGE_DIR"):
         host.fetch_answer_file(f"file://{tmp_path}/images/../x.xml", config.IMAGE_DIR)
+
+
+@pytest.mark.parametrize("outcome, expected", [
+    (dict(exit_code=0, result=b"SUCCESS\n"), None),
+    (dict(exit_code=0, result=b"SUCCESS\r\nmore"), None),
+    (dict(exit_code=0, result=b"ERROR: no root file system\n"),
+     "customization failed inside the helper VM: no root file system"),
+    (dict(exit_code=0, result=b"garbage"), "unexpected result: 'garbage'"),
+    (dict(exit_code=0, console_tail=["booting", "Kernel panic"]),
+     "without reporting a result (last console line: Kernel panic)"),
+    (dict(exit_code=0), "last console line: no console output"),
+    (dict(exit_code=1, result=b"SUCCESS\n", qemu_tail=["could not open disk"]),
+     "crashed (qemu exit status 1): could not open disk"),
+    (dict(exit_code=-9, timed_out="killed", result=b"SUCCESS\n"), "within HELPER_SOFT_TIMEOUT (7 s) and was killed"),
+])
+def test_helper_outcome_names_the_reason(outcome, expected):
+    config = host.finalize_config({"HELPER_SOFT_TIMEOUT": "7"})
+    fields = dict(result=b"", timed_out=None, console_tail=[], qemu_tail=[]) | outcome
+    if expected is None:
+        host._check_helper_outcome(host.HelperOutcome(**fields), config)
+        return
+    with pytest.raises(host.SnfError) as error:
+        host._check_helper_outcome(host.HelperOutcome(**fields), config)
+    assert expected in str(error.value) and error.value.exit_code == 3
