@@ -51,6 +51,8 @@ GENERALIZED_STATES = ("IMAGE_STATE_GENERALIZE_RESEAL_TO_OOBE",
                       "IMAGE_STATE_GENERALIZE_RESEAL_TO_AUDIT")
 COMPUTER_NAME_MAX = 15
 COMPUTER_NAME_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+# What a program we start needs of our environment (which holds the secrets).
+CHILD_ENV = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "LC_ALL": "C"}
 
 
 # --------------------------------------------------------------------------
@@ -253,7 +255,7 @@ def set_registry_values(root, hive_path, key, changes):
     script.append("commit")
     real = root.real_path(os.path.dirname(hive_path))
     lib.run([lib.program("hivexsh"), "-w", os.path.join(real, os.path.basename(hive_path))],
-            input="\n".join(script) + "\n")
+            input="\n".join(script) + "\n", env=CHILD_ENV)
 
 
 # --------------------------------------------------------------------------
