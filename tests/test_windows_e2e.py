@@ -276,6 +276,7 @@ def test_windows_gpt_answer_file_url_and_offline_resize(deploy, site):
                               "OFFLINE_NTFSRESIZE_NOCHECK": "yes"},
                              instance="fifteen-chars-1", os_answer_file=answer_url)
     assert code == 0, deployment.output
+    assert "Detected ROOT_PARTITION: 3" in deployment.output     # after System Reserved and MSR
     parts = deployment.partitions()
     assert parts[3]["start"] + parts[3]["size"] == DISK_SIZE // 512 - 2048
     assert parts[2]["size"] == deployment.source_partitions()[2]["size"]       # MSR untouched
