@@ -201,9 +201,11 @@ def test_windows_tasks_on_ntfs(ntfs, run):
     vbs = (target / "windows/snfscripts/setpasswords.vbs").read_text()
     assert 'Array("Administrator", "john")' in vbs                  # the SAM's spelling
     # a second run of the answer-file tasks adds no duplicate commands
-    run("35InstallUnattend", target)
+    run("35InstallUnattend", target, {"SNF_IMAGE_OS_PRODUCT_KEY": "KEY-2"})
     paths = [p.text for p in answer(target).iter("{urn:schemas-microsoft-com:unattend}Path")]
     assert paths.count("diskpart.exe /s C:\\Windows\\SnfScripts\\ExtendFilesystem") == 1
+    keys = [k.text for k in answer(target).iter("{urn:schemas-microsoft-com:unattend}ProductKey")]
+    assert keys == ["KEY-2"]                                         # updated, not added
     hive = win.Hive((target / "windows/system32/config/system").read_bytes())
     assert hive.dword(f"ControlSet{CONTROL_SET:03d}\\Control\\Terminal Server",
                       "fDenyTSConnections") == 1
