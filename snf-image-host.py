@@ -158,7 +158,7 @@ UNATTEND_COMPONENTS = """  <settings pass="specialize">
       <OOBE>
         <HideEULAPage>true</HideEULAPage>
         <NetworkLocation>Other</NetworkLocation>
-        <ProtectYourPC>3</ProtectYourPC>
+        <ProtectYourPC>1</ProtectYourPC>
       </OOBE>
     </component>
   </settings>"""
