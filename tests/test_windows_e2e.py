@@ -231,7 +231,19 @@ def test_windows_mbr_default_answer_file(deploy):
         admin = oobe.find("u:UserAccounts/u:AdministratorPassword", NS)
         assert admin.findtext("u:Value", namespaces=NS) == PASSWORD
         assert admin.findtext("u:PlainText", namespaces=NS) == "true"
-        assert oobe.findtext("u:OOBE/u:HideEULAPage", namespaces=NS) == "true"
+        assert {child.tag.split("}")[1]: child.text for child in oobe.find("u:OOBE", NS)} == \
+            {"HideEULAPage": "true", "NetworkLocation": "Other", "ProtectYourPC": "1"}
+        assert shell.findtext("u:DisableAutoDaylightTimeSet", namespaces=NS) == "false"
+        assert shell.findtext("u:RegisteredOwner", namespaces=NS) == "snf-image"
+        international = answer[("oobeSystem", "Microsoft-Windows-International-Core", "amd64")]
+        assert {child.tag.split("}")[1]: child.text for child in international} == \
+            {"InputLocale": "en-US", "SystemLocale": "en-US", "UILanguage": "en-US",
+             "UserLocale": "en-US"}
+        assert set(answer) == {(p, c, a) for a in ("amd64", "x86") for p, c in (
+            ("specialize", "Microsoft-Windows-Shell-Setup"),
+            ("specialize", "Microsoft-Windows-Deployment"),
+            ("oobeSystem", "Microsoft-Windows-International-Core"),
+            ("oobeSystem", "Microsoft-Windows-Shell-Setup"))}
         # the x86 components are the default's, untouched
         x86 = answer[("specialize", "Microsoft-Windows-Shell-Setup", "x86")]
         assert x86.findtext("u:ComputerName", namespaces=NS) == "*"
