@@ -23,11 +23,12 @@ import posixpath
 import re
 import struct
 import sys
+import time
 import xml.etree.ElementTree as ET
 
 sys.path.insert(0, os.path.dirname(os.path.realpath(__file__)))
 import snf_image_tasklib as lib  # noqa: E402
-from snf_image_tasklib import TaskError  # noqa: E402
+from snf_image_tasklib import TaskError, helper  # noqa: E402
 
 SYSTEM_HIVE = "/Windows/System32/config/SYSTEM"
 SOFTWARE_HIVE = "/Windows/System32/config/SOFTWARE"
@@ -596,7 +597,6 @@ def change_passwords(family, password, password_hash, auth_keys, users_property,
     if not users:
         warn("No USERS property defined: changing the password of Administrator")
         users = ["Administrator"]
-    import snf_image_helper as helper
     with lib.ImageRoot(helper.target()) as root:
         if not root.is_file(SAM_HIVE):
             raise TaskError("The SAM registry hive (Windows/System32/config/SAM) is missing")
@@ -641,7 +641,6 @@ def change_passwords(family, password, password_hash, auth_keys, users_property,
 
 def assign_computer_name(family, hostname):
     name = computer_name(hostname)
-    import snf_image_helper as helper
     with lib.ImageRoot(helper.target()) as root:
         if family == "windows":
             answer = AnswerFile(root)
@@ -662,8 +661,6 @@ def assign_computer_name(family, hostname):
 def inject_files(files, now=None):
     """Write each file at its path on the system drive (owner, group and mode
     mean nothing on NTFS); a file already there is kept as <path>.bak.<time>."""
-    import time
-    import snf_image_helper as helper
     stamp = time.strftime("%Y%m%d.%H%M%S", time.gmtime(now))
     with lib.ImageRoot(helper.target()) as root:
         for item in files:
