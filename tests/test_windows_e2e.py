@@ -27,8 +27,8 @@ from pathlib import Path
 import pytest
 
 import ganeti_env
-from conftest import CACHE_DIR, require_programs
-from helpervm import built_helper_dir, require_helper_build
+from conftest import CACHE_DIR, require_helper_build, require_programs
+from helpervm import built_helper_dir
 from test_e2e_helper import leftover_processes
 from windows_disks import (CONTROL_SET, README, SETUP_COMPLETE, mounted_ntfs, ntfs_volume_bytes,
                            partition_digest, partition_table, windows_image)
