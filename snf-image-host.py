@@ -124,29 +124,44 @@ WINDOWS_TIMEZONES = {
     "300": "Tonga Standard Time",
 }
 
+# The default answer files, written from Microsoft's unattend schema: the
+# specialize pass names the machine "*" (a random name until the helper writes
+# the instance's), sets the time zone and marks the local account step of OOBE
+# as done (the helper sets the passwords); the oobeSystem pass answers every
+# OOBE question.  Each component is present for amd64 and x86 images; the
+# helper adds ComputerName, ProductKey, passwords and its commands.
 UNATTEND_TEMPLATE = """<?xml version="1.0" encoding="utf-8"?>
-<!-- Default answer file written by snf-image (time zone from WINDOWS_TIMEZONE). -->
-<unattend xmlns="urn:schemas-microsoft-com:unattend">
+<!-- Default answer file of snf-image (time zone from WINDOWS_TIMEZONE). -->
+<unattend xmlns="urn:schemas-microsoft-com:unattend" xmlns:wcm="http://schemas.microsoft.com/WMIConfig/2002/State">
 {components}
 </unattend>
 """
 UNATTEND_COMPONENTS = """  <settings pass="specialize">
-    <component name="Microsoft-Windows-Shell-Setup" processorArchitecture="{arch}" publicKeyToken="31bf3856ad364e35" language="neutral" versionScope="nonSxS" xmlns:wcm="http://schemas.microsoft.com/WMIConfig/2002/State">
+    <component name="Microsoft-Windows-Shell-Setup" processorArchitecture="{arch}" publicKeyToken="31bf3856ad364e35" language="neutral" versionScope="nonSxS">
       <ComputerName>*</ComputerName>
       <TimeZone>{timezone}</TimeZone>
       <DisableAutoDaylightTimeSet>false</DisableAutoDaylightTimeSet>
       <RegisteredOrganization>snf-image</RegisteredOrganization>
       <RegisteredOwner>snf-image</RegisteredOwner>
     </component>
+    <component name="Microsoft-Windows-Deployment" processorArchitecture="{arch}" publicKeyToken="31bf3856ad364e35" language="neutral" versionScope="nonSxS">
+      <RunSynchronous>
+        <RunSynchronousCommand wcm:action="add">
+          <Description>No local account to create in OOBE</Description>
+          <Order>1</Order>
+          <Path>reg.exe add "HKLM\\SOFTWARE\\Microsoft\\Windows\\CurrentVersion\\Setup\\OOBE" /v UnattendCreatedUser /t REG_DWORD /d 1 /f</Path>
+        </RunSynchronousCommand>
+      </RunSynchronous>
+    </component>
   </settings>
   <settings pass="oobeSystem">
-    <component name="Microsoft-Windows-International-Core" processorArchitecture="{arch}" publicKeyToken="31bf3856ad364e35" language="neutral" versionScope="nonSxS" xmlns:wcm="http://schemas.microsoft.com/WMIConfig/2002/State">
+    <component name="Microsoft-Windows-International-Core" processorArchitecture="{arch}" publicKeyToken="31bf3856ad364e35" language="neutral" versionScope="nonSxS">
       <InputLocale>en-US</InputLocale>
       <SystemLocale>en-US</SystemLocale>
       <UILanguage>en-US</UILanguage>
       <UserLocale>en-US</UserLocale>
     </component>
-    <component name="Microsoft-Windows-Shell-Setup" processorArchitecture="{arch}" publicKeyToken="31bf3856ad364e35" language="neutral" versionScope="nonSxS" xmlns:wcm="http://schemas.microsoft.com/WMIConfig/2002/State">
+    <component name="Microsoft-Windows-Shell-Setup" processorArchitecture="{arch}" publicKeyToken="31bf3856ad364e35" language="neutral" versionScope="nonSxS">
       <OOBE>
         <HideEULAPage>true</HideEULAPage>
         <NetworkLocation>Other</NetworkLocation>
