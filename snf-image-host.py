@@ -254,7 +254,7 @@ class _Deadline:
                 with self.lock:
                     self.expired = True
                     for sock in self.sockets:
-                        self._shut(sock)
+                        self.shut(sock)
                 return
 
     def received(self, count):
@@ -269,10 +269,10 @@ class _Deadline:
         with self.lock:
             self.sockets.append(sock)
             if self.expired:
-                self._shut(sock)
+                self.shut(sock)
 
     @staticmethod
-    def _shut(sock):
+    def shut(sock):
         import socket
         try:
             sock.shutdown(socket.SHUT_RDWR)
@@ -401,6 +401,8 @@ class UrlFetch:
 
     def close(self):
         self.deadline.cancel()
+        for sock in self.deadline.sockets:      # wakes a reader thread blocked in recv (an interrupted copy)
+            self.deadline.shut(sock)
         if self.response is not None:
             self.response.close()
 
