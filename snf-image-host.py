@@ -49,7 +49,7 @@ from pathlib import Path
 # Constants
 # ---------------------------------------------------------------------------
 
-VERSION = "0.24.0"
+SNF_IMAGE_VERSION = "0.24.0"      # the release; the builder writes it into every helper manifest
 OS_DIR = Path(__file__).resolve().parent
 DEFAULT_CONFIG_FILE = "/etc/default/snf-image"
 RUN_DIR = Path("/run/snf-image")
@@ -551,26 +551,60 @@ def _check_user(text):
     return text
 
 
+def _check_debian_suite(text):
+    if not re.fullmatch(r"[a-z][a-z0-9.-]*", text):
+        raise ValueError("expected a Debian suite name such as trixie")
+    return text
+
+
+def _check_mirror_url(text):
+    text = text.rstrip("/")
+    if text and not re.fullmatch(r"(https?|ftp|file):/[^\s\[\]]*", text):
+        raise ValueError("expected an http(s), ftp or file URL (empty: the host's APT sources)")
+    return text
+
+
 def _as_is(text):
     return text
 
 
+# Who reads a setting: the OS definition (this program), the helper builder
+# (snf-image-update-helper, which loads this module for the grammar and the
+# table), or both. Every key is validated by both programs all the same, so
+# one file gets one verdict whichever program reads it first.
+HOST, BUILDER, BOTH = "host", "builder", "both"
+
+
 class Setting:
-    def __init__(self, name, default, convert, help_text):
+    def __init__(self, name, default, convert, help_text, readers=HOST):
         self.name, self.default, self.convert, self.help = name, default, convert, help_text
+        self.readers = readers
+
+    def read_by(self, program):
+        """Whether HOST or BUILDER uses this setting."""
+        return self.readers in (program, BOTH)
+
+    @property
+    def is_program(self):
+        """The value is a command (a program and its arguments, as an argument list)."""
+        return self.convert is _check_command
 
 
 SETTINGS = (
     Setting("IMAGE_DIR", "/var/lib/snf-image", _as_is, "directory of local images (local://NAME)"),
-    Setting("HELPER_DIR", "/var/lib/snf-image/helper", _as_is, "helper VM files written by snf-image-update-helper"),
+    Setting("HELPER_DIR", "/var/lib/snf-image/helper", _as_is, "helper VM files written by snf-image-update-helper",
+            BOTH),
+    Setting("HELPER_CACHE_DIR", "", _as_is, "cache of the helper's slow root stage; empty: HELPER_DIR/cache",
+            BUILDER),
     Setting("HELPER_SOFT_TIMEOUT", "120", _check_timeout, "helper VM run time before SIGTERM (120, 2m, 1h)"),
     Setting("HELPER_HARD_TIMEOUT", "5", _check_timeout, "extra time after SIGTERM before SIGKILL"),
-    Setting("HELPER_USER", "nobody", _check_user, "user qemu runs as (-runas)"),
-    Setting("HELPER_MEMORY", "256", _check_positive_int, "helper VM memory in MiB"),
+    Setting("HELPER_USER", "nobody", _check_user, "user qemu runs as (-runas)", BOTH),
+    Setting("HELPER_MEMORY", "256", _check_positive_int, "helper VM memory in MiB", BOTH),
     Setting("HELPER_DEBUG", "no", _check_yes_no, "yes: debug shell on a pty instead of powering off after a failure"),
     Setting("HELPER_ACCEL", "auto", _check_choice(("auto", "kvm", "tcg")), "qemu accelerator: kvm, tcg or auto"),
-    Setting("HELPER_DEBIAN_SUITE", "trixie", _as_is, "Debian suite of the helper (builder)"),
-    Setting("HELPER_DEBIAN_MIRROR", "", _as_is, "Debian mirror for the helper (builder); empty: host's APT sources"),
+    Setting("HELPER_DEBIAN_SUITE", "trixie", _check_debian_suite, "Debian suite of the helper root", BUILDER),
+    Setting("HELPER_DEBIAN_MIRROR", "", _check_mirror_url, "Debian mirror for the helper; empty: host's APT sources",
+            BUILDER),
     Setting("IMAGE_DEBUG", "no", _check_yes_no, "yes: log every external command"),
     Setting("CLOUD_INIT_DEBUG", "no", _check_yes_no, "yes: cloud-init debug logging in the image"),
     Setting("PROGRESS_MONITOR", "", _check_optional_command, "program receiving the JSON progress messages on stdin"),
@@ -593,15 +627,22 @@ SETTINGS = (
     Setting("MBR_BIN", "", _as_is, "boot code for filesystem dumps; empty: syslinux's mbr.bin"),
     Setting("XEN_SCRIPTS_DIR", "/etc/xen/scripts", _as_is, "unused (accepted for compatibility)"),
     Setting("XEN_CMD", "xl", _as_is, "unused (accepted for compatibility)"),
-    Setting("MULTISTRAP_CONFIG", "", _as_is, "helper builder: upstream's multistrap.conf, used only when set"),
-    Setting("MULTISTRAP_APTPREFDIR", "", _as_is, "helper builder: apt preferences, used only when set"),
+    Setting("MULTISTRAP_CONFIG", "", _as_is, "multistrap configuration instead of the built-in one "
+            "(it must still install python3, busybox-static and linux-image-amd64)", BUILDER),
+    Setting("MULTISTRAP_APTPREFDIR", "", _as_is, "APT preference files (pinning) for multistrap", BUILDER),
     Setting("IMAGE_KEYRING", "", _as_is, "OpenPGP keyring for gpgv; set: NAME.sig / URL.sig signatures are checked"),
     Setting("IMAGE_SIGNATURE_REQUIRED", "no", _check_yes_no, "yes: an image without a signature is refused"),
     Setting("GPGV", "gpgv", _check_command, "gpgv program (image signatures)"),
-    Setting("QEMU", "qemu-system-x86_64", _check_command, "qemu program"),
+    Setting("QEMU", "qemu-system-x86_64", _check_command, "qemu program", BOTH),
     Setting("QEMU_IMG", "qemu-img", _check_command, "qemu-img program (tools)"),
     Setting("MKFS_EXT2", "mkfs.ext2", _check_command, "mkfs.ext2 program (floppy)"),
-    Setting("MULTISTRAP", "multistrap", _check_command, "multistrap program (builder)"),
+    Setting("MULTISTRAP", "multistrap", _check_command, "multistrap program", BUILDER),
+    Setting("MKFS_EXT4", "mkfs.ext4", _check_command, "mkfs.ext4 program (the helper's root image)", BUILDER),
+    Setting("DEPMOD", "depmod", _check_command, "depmod program", BUILDER),
+    Setting("ZSTD", "zstd", _check_command, "zstd program (decompresses zstd kernels and modules)", BUILDER),
+    Setting("CP", "cp", _check_command, "cp program", BUILDER),
+    Setting("CHROOT", "chroot", _check_command, "chroot program (byte-compiles the helper with the root's python3)",
+            BUILDER),
 )
 SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
 DEPRECATED_SETTINGS = {"VERSION_CHECK": "VERSION_CHECK is obsolete and ignored",
@@ -727,8 +768,9 @@ class Config:
             raise AttributeError(name) from None
 
 
-def load_config(environ, variant=None):
-    """Built-in defaults < configuration file < variant file."""
+def load_config(environ, variant=None, overrides=None):
+    """Built-in defaults < configuration file < variant file < overrides (the
+    builder's command-line options)."""
     explicit = environ.get("SNF_IMAGE_CONFIG")
     path = explicit or DEFAULT_CONFIG_FILE
     raw = {}
@@ -739,6 +781,7 @@ def load_config(environ, variant=None):
     if variant:
         variants_dir = raw.get("VARIANTS_DIR") or SETTINGS_BY_NAME["VARIANTS_DIR"].default
         raw.update(read_variant_file(variants_dir, variant))
+    raw.update(overrides or {})
     return finalize_config(raw)
 
 
@@ -768,14 +811,10 @@ def listed_variants():
     return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
 
 
-# Keys of /etc/default/snf-image read only by snf-image-update-helper.
-BUILDER_ONLY_SETTINGS = ("HELPER_CACHE_DIR", "MULTISTRAP_CONFIG", "MULTISTRAP_APTPREFDIR",
-                         "MKFS_EXT4", "DEPMOD", "ZSTD", "CP", "CHROOT")
-
-# Every key a configuration or variant file may set: the settings, the
-# builder's own, the deprecated ones, and the OS parameters they may preset.
-KNOWN_CONFIG_KEYS = frozenset(set(SETTINGS_BY_NAME) | set(BUILDER_ONLY_SETTINGS)
-                              | set(DEPRECATED_SETTINGS) | {name.upper() for name in OS_PARAMETERS})
+# Every key a configuration or variant file may set: the settings (the
+# builder's included), the deprecated ones, and the OS parameters they may preset.
+KNOWN_CONFIG_KEYS = frozenset(set(SETTINGS_BY_NAME) | set(DEPRECATED_SETTINGS)
+                              | {name.upper() for name in OS_PARAMETERS})
 
 
 def closest_key_hint(name):
