@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 
 import ganeti_env
-from conftest import REPO
-from helpervm import built_helper_dir, require_helper_build
+from conftest import REPO, require_helper_build
+from helpervm import built_helper_dir
 from host_testlib import HttpServer, Site
 
 pytestmark = [pytest.mark.slow, pytest.mark.qemu, pytest.mark.root]
