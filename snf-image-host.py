@@ -741,6 +741,8 @@ def read_config_file(path):
     try:
         with open(fd, "rb", closefd=True) as handle:
             info = os.fstat(handle.fileno())
+            if stat.S_ISCHR(info.st_mode) and info.st_rdev == os.makedev(1, 3):
+                return {}               # /dev/null: no settings
             if not stat.S_ISREG(info.st_mode):
                 raise SnfError(f"configuration file {path} is not a regular file", 2)
             if info.st_size > 4 * MIB:

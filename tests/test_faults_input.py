@@ -106,6 +106,7 @@ def test_zero_timeouts_are_refused(case, setting):
 
 
 def test_fifo_as_configuration_file(case, tmp_path):
+    assert host.read_config_file("/dev/null") == {}       # "no settings", as the helper builder's tests use
     fifo = tmp_path / "fifo.conf"
     os.mkfifo(fifo)
     case(*IMAGE, env={"SNF_IMAGE_CONFIG": str(fifo)}, expect="is not a regular file")
