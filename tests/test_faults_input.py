@@ -192,7 +192,8 @@ def test_config_url_never_answers(case):
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 json_text = st.recursive(st.none() | st.booleans() | st.integers() | st.text(),
-                         lambda inner: st.lists(inner) | st.dictionaries(st.text(), inner),
+                         lambda children: st.lists(children, max_size=3)
+                         | st.dictionaries(st.text(max_size=5), children, max_size=3),
                          max_leaves=20).map(json.dumps)
 nasty_text = st.text() | json_text | st.sampled_from(["[" * 5000, '{"a":' * 5000, "\udcff", "\x00", "http://[::1"])
 
