@@ -349,3 +349,24 @@ def test_damaged_compressed_images(case, kind, damage):
     assert last_line(result).startswith("ERROR: ") and "Traceback" not in text
     assert kind in last_line(result) or "compress" in last_line(result), last_line(result)
     assert [line for line in text.splitlines() if line.startswith("ERROR")] == [last_line(result)]
+
+
+# --- one operation per disk: create, import and export lock the disk ----------------------
+
+def test_busy_disk_is_refused_by_every_verb(case, tmp_path):
+    import fcntl
+    import subprocess
+    import ganeti_env
+    os_dir = ganeti_env.install_os_dir(tmp_path / "os")
+    with open(case.disk, "rb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)            # as a running deployment holds it
+        case(*IMAGE, code=1, expect="is in use by another snf-image deployment, import or export")
+        for verb, env in (("export", ganeti_env.export_env([case.disk], 0)),
+                          ("import", ganeti_env.import_env([case.disk], 0))):
+            env["SNF_IMAGE_CONFIG"] = str(case.site.config)
+            result = subprocess.run([str(os_dir / verb)], env=env, cwd=os_dir, input=b"x" * 4096,
+                                    capture_output=True, timeout=60)
+            assert result.returncode == 1
+            assert last_line(result) == (f"ERROR: disk 0 ({case.disk}) is in use by another snf-image "
+                                         f"deployment, import or export: {verb} refused")
+            assert result.stdout == b"" and case.disk.read_bytes() == ORIGINAL
