@@ -2771,7 +2771,7 @@ class LineRelay:
             return
         if self.prefix.startswith("HELPER"):
             try:       # as upstream's sed 's|^|HELPER: |': the guest has its own timestamps
-                print(self.prefix + line, file=sys.stderr, flush=True)
+                print(self.prefix + printable(line), file=sys.stderr, flush=True)
             except (BrokenPipeError, ValueError):
                 pass
         else:
