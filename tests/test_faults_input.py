@@ -330,7 +330,7 @@ def _compressed(kind, data):
     return subprocess.run(["zstd", "-q", "-c"], input=data, capture_output=True, check=True).stdout
 
 
-@pytest.mark.parametrize("kind", ["gzip", "xz", "bzip2"])
+@pytest.mark.parametrize("kind", ["gzip", "xz", "bzip2", "zstd"])
 @pytest.mark.parametrize("damage", ["corrupt", "truncated"])
 def test_damaged_compressed_images(case, kind, damage):
     data = os.urandom(256 * 1024) * 8
