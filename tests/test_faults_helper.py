@@ -150,6 +150,9 @@ def test_signal_at_the_copy_stage(tmp_path, fault_helper, signum):
         handler = server.server.RequestHandlerClass
 
         def do_get(self):
+            if self.path != "/slow.img":        # no checksum or signature beside it
+                self.send_error(404, "Not Found")
+                return
             self.send_response(200)
             self.send_header("Content-Length", str(4 * MIB))
             self.end_headers()
