@@ -274,7 +274,7 @@ class _Deadline:
                 with self.lock:
                     self.expired = True
                     for sock in self.sockets:
-                        self._shut(sock)
+                        self.shut(sock)
                 return
 
     def received(self, count):
@@ -289,10 +289,10 @@ class _Deadline:
         with self.lock:
             self.sockets.append(sock)
             if self.expired:
-                self._shut(sock)
+                self.shut(sock)
 
     @staticmethod
-    def _shut(sock):
+    def shut(sock):
         import socket
         try:
             sock.shutdown(socket.SHUT_RDWR)
@@ -421,6 +421,8 @@ class UrlFetch:
 
     def close(self):
         self.deadline.cancel()
+        for sock in self.deadline.sockets:      # wakes a reader thread blocked in recv (an interrupted copy)
+            self.deadline.shut(sock)
         if self.response is not None:
             self.response.close()
 
@@ -1005,6 +1007,13 @@ def url_problem(url):
     if not parts.hostname:
         return "URL without a host name"
     return None
+
+
+def url_beside(url, suffix):
+    """The URL of a file next to another one (its checksum, its signature): the suffix
+    goes onto the path, before any query."""
+    parts = urllib.parse.urlsplit(url)
+    return urllib.parse.urlunsplit(parts._replace(path=parts.path + suffix))
 
 
 PLAIN_PARAMETERS = ("img_id", "img_format", "config_url", "os_answer_file")
@@ -1776,6 +1785,18 @@ def available_memory():
     return 0
 
 
+# The checksum files looked for next to an image (NAME.sha256, URL.sha256, ...).
+CHECKSUM_FILES = ((".sha256", "sha256"), (".md5sum", "md5"))
+
+
+def checksum_digest(text, algorithm, where):
+    """The digest a checksum file starts with (`sha256sum` output or a bare digest)."""
+    token = (text.split() or [""])[0].lower()
+    if not re.fullmatch(r"[0-9a-f]{%d}" % {"sha256": 64, "md5": 32}[algorithm], token):
+        raise SnfError(f"checksum file {where} does not start with a {algorithm} digest")
+    return token
+
+
 class LocalSource(ImageSource):
     name = "local"
 
@@ -1854,7 +1875,7 @@ class LocalSource(ImageSource):
 
     @staticmethod
     def find_checksum(path):
-        for suffix, algorithm, length in ((".sha256", "sha256", 64), (".md5sum", "md5", 32)):
+        for suffix, algorithm in CHECKSUM_FILES:
             checksum_path = path + suffix
             try:
                 text = Path(checksum_path).read_text(errors="replace")
@@ -1862,10 +1883,7 @@ class LocalSource(ImageSource):
                 continue
             except OSError as exc:
                 raise SnfError(f"cannot read checksum file {checksum_path}: {exc.strerror}") from None
-            token = (text.split() or [""])[0].lower()
-            if not re.fullmatch(r"[0-9a-f]{%d}" % length, token):
-                raise SnfError(f"checksum file {checksum_path} does not start with a {algorithm} digest")
-            return algorithm, token, checksum_path
+            return algorithm, checksum_digest(text, algorithm, checksum_path), checksum_path
         return None
 
     def close(self):
@@ -1886,6 +1904,30 @@ class NetworkSource(ImageSource):
         if self.size is None:
             warn(f"{shown}: the server did not announce the image size")
         self.reader = CountingReader(self.fetch, self.size, f"download of {shown}")
+        try:
+            checksum = self.find_checksum(url, timeout)
+        except BaseException:
+            self.fetch.close()
+            raise
+        if checksum:     # checked end to end, across resumed connections, while copying
+            algorithm, digest, where = checksum
+            log(f"verifying the download against {where} while copying")
+            self.reader = HashingReader(self.reader, algorithm, digest, f"image {shown}")
+
+    @staticmethod
+    def find_checksum(url, timeout):
+        """URL.sha256 or URL.md5sum when the server has one (a 4xx answer: none)."""
+        for suffix, algorithm in CHECKSUM_FILES:
+            where = redact_url(url) + suffix
+            try:
+                with UrlFetch(url_beside(url, suffix), "checksum file", timeout=timeout) as fetch:
+                    text = fetch.read(4096).decode("utf-8", "replace")
+            except SnfError as exc:
+                if re.search(r": HTTP 4\d\d ", str(exc)):
+                    continue
+                raise
+            return algorithm, checksum_digest(text, algorithm, where), where
+        return None
 
     def close(self):
         self.fetch.close()
@@ -2033,7 +2075,7 @@ def check_signature(config, source):
         return None
     if isinstance(source, NetworkSource):
         try:
-            with UrlFetch(source.url + ".sig", "image signature", timeout=config.URL_TIMEOUT) as fetch:
+            with UrlFetch(url_beside(source.url, ".sig"), "image signature", timeout=config.URL_TIMEOUT) as fetch:
                 signature = fetch.read(MIB)
         except SnfError as exc:
             if "HTTP 404" not in str(exc):
@@ -3359,7 +3401,7 @@ class LineRelay:
             return
         if self.prefix.startswith("HELPER"):
             try:       # as upstream's sed 's|^|HELPER: |': the guest has its own timestamps
-                print(self.prefix + line, file=sys.stderr, flush=True)
+                print(self.prefix + printable(line), file=sys.stderr, flush=True)
             except (BrokenPipeError, ValueError):
                 pass
         else:

@@ -106,6 +106,7 @@ def test_zero_timeouts_are_refused(case, setting):
 
 
 def test_fifo_as_configuration_file(case, tmp_path):
+    assert host.read_config_file("/dev/null") == {}       # "no settings", as the helper builder's tests use
     fifo = tmp_path / "fifo.conf"
     os.mkfifo(fifo)
     case(*IMAGE, env={"SNF_IMAGE_CONFIG": str(fifo)}, expect="is not a regular file")
@@ -191,7 +192,8 @@ def test_config_url_never_answers(case):
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 json_text = st.recursive(st.none() | st.booleans() | st.integers() | st.text(),
-                         lambda inner: st.lists(inner) | st.dictionaries(st.text(), inner),
+                         lambda children: st.lists(children, max_size=3)
+                         | st.dictionaries(st.text(max_size=5), children, max_size=3),
                          max_leaves=20).map(json.dumps)
 nasty_text = st.text() | json_text | st.sampled_from(["[" * 5000, '{"a":' * 5000, "\udcff", "\x00", "http://[::1"])
 
@@ -328,7 +330,7 @@ def _compressed(kind, data):
     return subprocess.run(["zstd", "-q", "-c"], input=data, capture_output=True, check=True).stdout
 
 
-@pytest.mark.parametrize("kind", ["gzip", "xz", "bzip2"])
+@pytest.mark.parametrize("kind", ["gzip", "xz", "bzip2", "zstd"])
 @pytest.mark.parametrize("damage", ["corrupt", "truncated"])
 def test_damaged_compressed_images(case, kind, damage):
     data = os.urandom(256 * 1024) * 8
@@ -347,3 +349,24 @@ def test_damaged_compressed_images(case, kind, damage):
     assert last_line(result).startswith("ERROR: ") and "Traceback" not in text
     assert kind in last_line(result) or "compress" in last_line(result), last_line(result)
     assert [line for line in text.splitlines() if line.startswith("ERROR")] == [last_line(result)]
+
+
+# --- one operation per disk: create, import and export lock the disk ----------------------
+
+def test_busy_disk_is_refused_by_every_verb(case, tmp_path):
+    import fcntl
+    import subprocess
+    import ganeti_env
+    os_dir = ganeti_env.install_os_dir(tmp_path / "os")
+    with open(case.disk, "rb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)            # as a running deployment holds it
+        case(*IMAGE, code=1, expect="is in use by another snf-image deployment, import or export")
+        for verb, env in (("export", ganeti_env.export_env([case.disk], 0)),
+                          ("import", ganeti_env.import_env([case.disk], 0))):
+            env["SNF_IMAGE_CONFIG"] = str(case.site.config)
+            result = subprocess.run([str(os_dir / verb)], env=env, cwd=os_dir, input=b"x" * 4096,
+                                    capture_output=True, timeout=60)
+            assert result.returncode == 1
+            assert last_line(result) == (f"ERROR: disk 0 ({case.disk}) is in use by another snf-image "
+                                         f"deployment, import or export: {verb} refused")
+            assert result.stdout == b"" and case.disk.read_bytes() == ORIGINAL

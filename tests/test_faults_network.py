@@ -32,6 +32,7 @@ class Behaviour:
         self.redirect = None
         self.seen = []              # (path, headers) of every request
         self.change_after_first = None
+        self.files = {}             # other paths (checksum files); any other *.sha256 etc. is a 404
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -56,6 +57,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
+            return
+        path = self.path.split("?")[0]
+        if path in b.files or path.endswith((".sha256", ".md5sum", ".sig")):
+            body = b.files.get(path)
+            self.send_response(200 if body is not None else 404)
+            self.send_header("Content-Length", str(len(body or b"")))
+            self.end_headers()
+            self.wfile.write(body or b"")
             return
         if len(b.seen) > 1 and b.change_after_first is not None:
             b.body, b.etag = b.change_after_first
@@ -209,3 +218,25 @@ def test_resumed_image_through_deploy_is_verified(tmp_path, server):
     assert b"resuming" in result.stderr
     written = disk.read_bytes()[:len(server.body)]
     assert hashlib.sha256(written).digest() == hashlib.sha256(server.body).digest()
+
+
+def test_resumed_download_checked_against_its_checksum_file(tmp_path, server):
+    """URL.sha256 next to the image: verified end to end across the resumed connections."""
+    server.body = os.urandom(3 * MIB)
+    server.cut_at = [MIB + 1, 2 * MIB + 3]
+    server.files["/img.raw.sha256"] = hashlib.sha256(server.body).hexdigest().encode() + b"  img.raw\n"
+    site = Site(tmp_path / "site")
+    disk = tmp_path / "disk"
+    disk.write_bytes(bytes(4 * MIB))
+    result = site.deploy("--disk", disk, "--img-id", server.url("/img.raw?token=1"), "--img-format", "diskdump",
+                         "--no-helper", timeout=120)
+    assert result.returncode == 0, result.stderr.decode()[-2000:]
+    assert b"verifying the download against" in result.stderr and result.stderr.count(b"resuming") == 2
+    assert disk.read_bytes()[:len(server.body)] == server.body
+    # the same with a wrong digest: the error says what the disk now holds
+    server.files["/img.raw.sha256"] = b"0" * 64 + b"\n"
+    server.cut_at = [MIB + 1]
+    result = site.deploy("--disk", disk, "--img-id", server.url("/img.raw"), "--img-format", "diskdump",
+                         "--no-helper", timeout=120)
+    assert result.returncode == 1
+    assert "sha256 checksum mismatch" in last_line(result) and "disk now holds this bad image" in last_line(result)
