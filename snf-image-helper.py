@@ -52,6 +52,7 @@ DEBUG_PORT = "/dev/ttyS3"
 
 ACTIVATION_FLAG = "snf_image_activate_helper"
 CHECK_FLAG = "snf_image_check_helper"
+CHECK_MODULES_PARAMETER = "snf_image_check_modules"
 DEBUG_FLAG = "snf_image_debug_helper"
 
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -395,7 +396,7 @@ def parse_rules(text):
     """rules.json (DESIGN.md §5) → (env dict, list of disk serials)."""
     try:
         rules = json.loads(text)
-    except ValueError as error:
+    except (ValueError, RecursionError) as error:
         raise HelperError(f"rules.json on the floppy is not valid JSON: {error}") from None
     if not isinstance(rules, dict):
         raise HelperError("rules.json on the floppy is not a JSON object")
@@ -435,7 +436,7 @@ def decode_properties(text, what, warn=warn):
     (upstream parsed with strict=False)."""
     try:
         properties = json.loads(text, strict=False)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise HelperError(f"Unable to decode {what}. Please check if the variable "
                           "is in valid json format.") from None
     if not isinstance(properties, dict):
@@ -489,9 +490,10 @@ class Properties:
 def partition_to_resize(table):
     """The number of the partition to grow, or None when there is none.
 
-    The partition that ENDS LAST on the disk, the rule of
-    tasks.d/10FixPartitionTable, which grows it (SNF_IMAGE_RESIZE_PART tells
-    tasks 20/40/81 whose file system to resize, so both must agree).  On MBR:
+    The one owner of the rule: tasks.d/10FixPartitionTable calls this to
+    pick the partition it grows, and SNF_IMAGE_RESIZE_PART (set from it)
+    tells tasks 20/40/81 whose file system to resize.  The partition that
+    ENDS LAST on the disk.  On MBR:
     the primary (extended included) that ends last; if that is the extended
     partition, its logical partition that ends last (or the empty extended
     partition itself).  Empty slots are ignored.  Upstream
@@ -585,6 +587,17 @@ def load_modules(*names):
         result = run(["modprobe", "-q", "-a", *names], check=False)
         if result.returncode != 0:
             print(f"Warning: modprobe {' '.join(names)} failed", file=sys.stderr, flush=True)
+
+
+def check_modules(listed):
+    """Check mode: modprobe the comma-separated modules, strictly (the
+    builder's tests prove that the pruned module tree of the root works)."""
+    modules = [name for name in listed.split(",") if name]
+    if modules:
+        result = run(["modprobe", "-a", *modules], capture=True, check=False)
+        lines = (result.stderr or "").strip().splitlines() or ["failed"]
+        if result.returncode != 0:
+            raise HelperError(f"modprobe {' '.join(modules)}: {lines[-1]}")
 
 
 def _ufs_mount_options():
@@ -1046,6 +1059,7 @@ class Deployment:
         if CHECK_FLAG in flags:        # the builder's --check: prove we boot, touch nothing
             self.console.line("check mode: the helper booted; no disk is touched")
             self.result_fd = open_port(self.result_port)
+            check_modules(parameters.get(CHECK_MODULES_PARAMETER, ""))
             return
         if ACTIVATION_FLAG not in flags:
             raise HelperError(f"Kernel command line activation flag {ACTIVATION_FLAG} is missing: "

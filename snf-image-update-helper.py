@@ -31,7 +31,6 @@ import json
 import lzma
 import os
 import re
-import shlex
 import shutil
 import signal
 import stat
@@ -52,12 +51,9 @@ if sys.version_info < (3, 11):
 # Constants
 # ---------------------------------------------------------------------------
 
-SNF_IMAGE_VERSION = "0.24.0"  # as snf-image-host.py
-
 # Bump when the root stage changes in a way the cache key does not see.
 ROOT_RECIPE_VERSION = 3
 
-DEFAULT_CONFIG_FILE = "/etc/default/snf-image"
 HOST_APT_SOURCES = ("/etc/apt/sources.list.d/debian.sources", "/etc/apt/sources.list")
 DATADIR_HELPER = Path("/usr/local/share/snf-image/helper")
 
@@ -100,7 +96,6 @@ PRUNED_PATHS = (
 HELPER_LIB_DIR = "usr/lib/snf-image-helper"
 HELPER_PROGRAM_NAME = "snf_image_helper.py"
 HELPER_INIT = "/usr/bin/snf-image-helper"
-BOOT_CHECK_PROGRAM = "boot-check"
 CHECK_FLAG = "snf_image_check_helper"
 ROOT_SERIAL = "snf-helper-root"
 
@@ -115,6 +110,14 @@ BUILD_ID_RE = re.compile(r"^[0-9]{8}T[0-9]{6}Z-[0-9a-f]{8}(-[0-9]+)?$")
 
 class HelperError(Exception):
     """An expected failure: printed as one line by main()."""
+
+    exit_code = 1
+
+
+class ConfigError(HelperError):
+    """Bad configuration or command-line value: exit status 2, as the host's."""
+
+    exit_code = 2
 
 
 _start_time = time.monotonic()
@@ -176,60 +179,79 @@ def last_line_of_file(path):
 # Configuration
 # ---------------------------------------------------------------------------
 
-# One table: configuration key, command-line option, default, help.
-SETTINGS_TABLE = (
-    ("HELPER_DIR", "--helper-dir", "/var/lib/snf-image/helper", "where releases are installed"),
-    ("HELPER_CACHE_DIR", "--cache-dir", "", "cache of the slow root stage (default HELPER_DIR/cache)"),
-    ("HELPER_DEBIAN_SUITE", "--suite", "trixie", "Debian suite of the helper root"),
-    ("HELPER_DEBIAN_MIRROR", "--mirror", "", "Debian mirror (default: the host's own APT sources)"),
-    ("MULTISTRAP_CONFIG", "--multistrap-config", "",
+# The configuration grammar of /etc/default/snf-image and its settings table
+# (defaults, syntax, which program reads each key) belong to the host program,
+# snf-image-host.py; the builder loads it as a module. It is looked for next
+# to this program (a checkout), then in the OS directories Ganeti searches,
+# where `make install` (OSDIR) and the Debian package put it.
+# SNF_IMAGE_HOST_DIRS (colon-separated) replaces this list.
+HOST_PROGRAM_NAME = "snf-image-host.py"
+HOST_PROGRAM_DIRS = (
+    Path(__file__).resolve().parent,
+    Path("/srv/ganeti/os/snf-image"),
+    Path("/usr/local/lib/ganeti/os/snf-image"),
+    Path("/usr/lib/ganeti/os/snf-image"),
+    Path("/usr/share/ganeti/os/snf-image"),
+)
+
+# Command-line options that override a configuration key: option, key, help.
+CONFIG_OPTIONS = (
+    ("--helper-dir", "HELPER_DIR", "where releases are installed"),
+    ("--cache-dir", "HELPER_CACHE_DIR", "cache of the slow root stage (default HELPER_DIR/cache)"),
+    ("--suite", "HELPER_DEBIAN_SUITE", "Debian suite of the helper root"),
+    ("--mirror", "HELPER_DEBIAN_MIRROR", "Debian mirror (default: the host's own APT sources)"),
+    ("--multistrap-config", "MULTISTRAP_CONFIG",
      "multistrap configuration to use instead of the built-in one (it must still "
      "install python3, busybox-static and linux-image-amd64)"),
-    ("MULTISTRAP_APTPREFDIR", "--apt-pref-dir", "",
+    ("--apt-pref-dir", "MULTISTRAP_APTPREFDIR",
      "APT preference files (pinning) put into the root's preferences.d for multistrap"),
-    ("HELPER_MEMORY", "--memory", "256", "MiB of RAM for the --check boot"),
-    ("HELPER_USER", "--user", "nobody", "user qemu runs as during --check"),
-    ("MULTISTRAP", None, "multistrap", "program"),
-    ("MKFS_EXT4", None, "mkfs.ext4", "program"),
-    ("DEPMOD", None, "depmod", "program"),
-    ("QEMU", None, "qemu-system-x86_64", "program"),
-    ("ZSTD", None, "zstd", "program (decompresses zstd kernels)"),
-    ("CP", None, "cp", "program"),
-    ("CHROOT", None, "chroot", "program (byte-compiles the helper with the root's python3)"),
+    ("--memory", "HELPER_MEMORY", "MiB of RAM for the --check boot"),
+    ("--user", "HELPER_USER", "user qemu runs as during --check"),
 )
 
 
-def parse_config_text(text, source="configuration"):
-    """Parse KEY=value lines of a shell-style defaults file without executing it."""
-    values = {}
-    for number, raw in enumerate(text.splitlines(), 1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        if line.startswith("export "):
-            line = line[len("export "):].lstrip()
-        match = re.match(r"^([A-Za-z_][A-Za-z0-9_]*)=(.*)$", line)
-        if not match:
-            raise HelperError(f"{source} line {number}: expected KEY=value")
-        key, rest = match.groups()
-        try:
-            words = shlex.split(rest, comments=True, posix=True)
-        except ValueError as err:
-            raise HelperError(f"{source} line {number}: {err}") from None
-        if len(words) > 1:
-            raise HelperError(f"{source} line {number}: value of {key} must be quoted")
-        values[key] = words[0] if words else ""
-    return values
+def host_program_dirs(environ=os.environ):
+    listed = environ.get("SNF_IMAGE_HOST_DIRS")
+    if listed:
+        return tuple(Path(entry) for entry in listed.split(":") if entry)
+    return HOST_PROGRAM_DIRS
 
 
-def read_config_file(path):
+def load_host_module(environ=os.environ):
+    """snf-image-host.py as a module: the owner of the configuration and the version."""
+    import importlib.machinery
+    import importlib.util
+    directories = host_program_dirs(environ)
+    path = next((d / HOST_PROGRAM_NAME for d in directories if (d / HOST_PROGRAM_NAME).is_file()), None)
+    if path is None:
+        raise ConfigError(f"cannot find {HOST_PROGRAM_NAME} (it owns the configuration) in "
+                          f"{':'.join(map(str, directories))}; set SNF_IMAGE_HOST_DIRS")
+    name = "snf_image_host"
+    loader = importlib.machinery.SourceFileLoader(name, str(path))
+    module = importlib.util.module_from_spec(importlib.util.spec_from_loader(name, loader))
+    loader.exec_module(module)
+    return module
+
+
+try:
+    host_program = load_host_module()
+except ConfigError as _error:
+    print(f"Error: {_error}", file=sys.stderr)
+    sys.exit(_error.exit_code)
+
+# The release's version, owned by the host program; the builder writes it
+# into each helper's manifest.json and release.json.
+SNF_IMAGE_VERSION = host_program.SNF_IMAGE_VERSION
+
+
+def load_host_config(overrides, environ=os.environ):
+    """The host program's Config for /etc/default/snf-image (or SNF_IMAGE_CONFIG)
+    with `overrides` on top: parsed, checked and warned about exactly as the
+    host does; a mistake is a ConfigError."""
     try:
-        text = Path(path).read_text()
-    except FileNotFoundError:
-        return {}
-    except OSError as err:
-        raise HelperError(f"cannot read {path}: {err.strerror}") from None
-    return parse_config_text(text, str(path))
+        return host_program.load_config(environ, overrides=overrides)
+    except host_program.SnfError as err:
+        raise ConfigError(str(err)) from None
 
 
 def parse_apt_sources(text, deb822=True):
@@ -285,6 +307,7 @@ class Settings:
     rebuild_root: bool = False
     accel: str = "auto"
     check_timeout: float = 300.0
+    config: object = None       # the host program's Config these settings came from
 
 
 def default_helper_sources():
@@ -308,7 +331,9 @@ def build_arg_parser():
         epilog="""\
 configuration:
   KEY="value" lines of /etc/default/snf-image (SNF_IMAGE_CONFIG names another
-  file), parsed, never executed; command-line options win. Programs:
+  file), parsed, never executed, with the grammar and settings table of
+  snf-image-host.py (found next to this program or in the Ganeti OS
+  directories; SNF_IMAGE_HOST_DIRS overrides); command-line options win. Programs:
   MULTISTRAP, MKFS_EXT4, DEPMOD, QEMU, ZSTD, CP, CHROOT. MULTISTRAP_CONFIG and
   MULTISTRAP_APTPREFDIR (upstream's names) are used only when set.
 
@@ -339,9 +364,8 @@ examples:
     actions.add_argument("--check", action="store_true",
                          help="boot the current release once; report accelerator and boot time")
     options = parser.add_argument_group("configuration (override the configuration file)")
-    for key, option, _default, help_text in SETTINGS_TABLE:
-        if option:
-            options.add_argument(option, dest=key, metavar=key, help=f"{help_text} [{key}]")
+    for option, key, help_text in CONFIG_OPTIONS:
+        options.add_argument(option, dest=key, metavar=key, help=f"{help_text} [{key}]")
     options.add_argument("--tasks", metavar="DIR", help="tasks directory to install (default tasks.d)")
     options.add_argument("--helper-program", metavar="FILE",
                          help="snf-image-helper.py to install (default: the one shipped)")
@@ -355,41 +379,28 @@ examples:
 
 
 def load_settings(args, environ=os.environ):
-    config_path = environ.get("SNF_IMAGE_CONFIG", DEFAULT_CONFIG_FILE)
-    config = read_config_file(config_path)
-    values = {}
-    for key, _option, default, _help in SETTINGS_TABLE:
-        value = getattr(args, key, None)
-        values[key] = value if value is not None else config.get(key, default)
-    helper_dir = Path(values["HELPER_DIR"]).absolute()
-    cache_dir = Path(values["HELPER_CACHE_DIR"]).absolute() if values["HELPER_CACHE_DIR"] \
-        else helper_dir / "cache"
-    suite = values["HELPER_DEBIAN_SUITE"]
-    if not re.match(r"^[a-z][a-z0-9.-]*$", suite):
-        raise HelperError(f"invalid Debian suite {suite!r}")
-    mirror = values["HELPER_DEBIAN_MIRROR"].rstrip("/")
-    if mirror and not re.match(r"^(https?|ftp|file):/[^\s\[\]]*$", mirror):
-        raise HelperError(f"HELPER_DEBIAN_MIRROR must be an http(s)/ftp/file URL, not {mirror!r}")
-    try:
-        memory = int(values["HELPER_MEMORY"])
-    except ValueError:
-        raise HelperError(f"HELPER_MEMORY must be a number of MiB, not {values['HELPER_MEMORY']!r}") from None
+    overrides = {key: getattr(args, key) for _option, key, _help in CONFIG_OPTIONS
+                 if getattr(args, key, None) is not None}
+    config = load_host_config(overrides, environ)
+    helper_dir = Path(config.HELPER_DIR).absolute()
+    cache_dir = Path(config.HELPER_CACHE_DIR).absolute() if config.HELPER_CACHE_DIR else helper_dir / "cache"
     optional_paths = {}
     for key in ("MULTISTRAP_CONFIG", "MULTISTRAP_APTPREFDIR"):
-        optional_paths[key] = Path(values[key]).absolute() if values[key] else None
+        optional_paths[key] = Path(getattr(config, key)).absolute() if getattr(config, key) else None
     if optional_paths["MULTISTRAP_CONFIG"] and not optional_paths["MULTISTRAP_CONFIG"].is_file():
-        raise HelperError(f"MULTISTRAP_CONFIG {values['MULTISTRAP_CONFIG']} does not exist")
+        raise ConfigError(f"MULTISTRAP_CONFIG {config.MULTISTRAP_CONFIG} does not exist")
     if optional_paths["MULTISTRAP_APTPREFDIR"] and not optional_paths["MULTISTRAP_APTPREFDIR"].is_dir():
-        raise HelperError(f"MULTISTRAP_APTPREFDIR {values['MULTISTRAP_APTPREFDIR']} is not a directory")
+        raise ConfigError(f"MULTISTRAP_APTPREFDIR {config.MULTISTRAP_APTPREFDIR} is not a directory")
     program, tasks = default_helper_sources()
     return Settings(
         helper_dir=helper_dir,
         cache_dir=cache_dir,
-        suite=suite,
-        mirror=mirror,
-        memory=memory,
-        user=values["HELPER_USER"],
-        programs={key: values[key] for key, option, *_ in SETTINGS_TABLE if option is None},
+        suite=config.HELPER_DEBIAN_SUITE,
+        mirror=config.HELPER_DEBIAN_MIRROR,
+        memory=config.HELPER_MEMORY,
+        user=config.HELPER_USER,
+        programs={setting.name: getattr(config, setting.name) for setting in host_program.SETTINGS
+                  if setting.is_program and setting.read_by("builder")},
         helper_program=Path(args.helper_program).absolute() if args.helper_program else program,
         tasks_dir=Path(args.tasks).absolute() if args.tasks else tasks,
         multistrap_config=optional_paths["MULTISTRAP_CONFIG"],
@@ -397,6 +408,7 @@ def load_settings(args, environ=os.environ):
         rebuild_root=args.rebuild_root,
         accel=args.accel,
         check_timeout=args.check_timeout,
+        config=config,
     )
 
 
@@ -542,7 +554,7 @@ PT_NOTE = 4
 XEN_ELFNOTE_PHYS32_ENTRY = 18
 
 
-def decompress_kernel_payload(payload, zstd_program="zstd"):
+def decompress_kernel_payload(payload, zstd_command=("zstd",)):
     """Decompress a bzImage payload (gzip, xz, lzma, bzip2 with the standard
     library; zstd through the zstd program)."""
     if payload.startswith(b"\x1f\x8b"):
@@ -554,7 +566,7 @@ def decompress_kernel_payload(payload, zstd_program="zstd"):
     if payload.startswith(b"BZh"):
         return bz2.BZ2Decompressor().decompress(payload)
     if payload.startswith(b"\x28\xb5\x2f\xfd"):
-        return run([zstd_program, "-q", "-d", "-c"], input=payload, capture=True)
+        return run([*zstd_command, "-q", "-d", "-c"], input=payload, capture=True)
     raise HelperError(f"unsupported kernel compression (magic {payload[:4].hex()})")
 
 
@@ -571,7 +583,7 @@ def elf_extent(elf):
     return end
 
 
-def extract_vmlinux(bzimage, zstd_program="zstd"):
+def extract_vmlinux(bzimage, zstd_command=("zstd",)):
     """The uncompressed ELF kernel inside a bzImage (boot protocol >= 2.08)."""
     if bzimage[:4] == b"\x7fELF":
         return bzimage
@@ -588,7 +600,7 @@ def extract_vmlinux(bzimage, zstd_program="zstd"):
         raise HelperError("bzImage payload lies outside the file")
     # The kernel build appends the uncompressed size (le32) to the payload.
     expected_size = struct.unpack("<I", payload[-4:])[0]
-    vmlinux = decompress_kernel_payload(payload[:-4], zstd_program)
+    vmlinux = decompress_kernel_payload(payload[:-4], zstd_command)
     if len(vmlinux) != expected_size:
         raise HelperError(f"decompressed kernel is {len(vmlinux)} bytes, expected {expected_size}")
     if vmlinux[:4] != b"\x7fELF" or vmlinux[4] != 2:
@@ -668,7 +680,7 @@ def module_load_order(wanted, modules_dep, builtin):
     return order
 
 
-def read_module(path, zstd_program="zstd"):
+def read_module(path, zstd_command=("zstd",)):
     """Module bytes, decompressed (busybox insmod gets plain .ko files)."""
     data = Path(path).read_bytes()
     if data.startswith(b"\xfd7zXZ\x00"):
@@ -676,7 +688,7 @@ def read_module(path, zstd_program="zstd"):
     if data.startswith(b"\x1f\x8b"):
         return gzip.decompress(data)
     if data.startswith(b"\x28\xb5\x2f\xfd"):
-        return run([zstd_program, "-q", "-d", "-c", str(path)], capture=True)
+        return run([*zstd_command, "-q", "-d", "-c", str(path)], capture=True)
     return data
 
 
@@ -956,7 +968,7 @@ def build_root_stage(settings, entry, mirror, log_path):
         env["TMPDIR"] = os.environ["TMPDIR"]
     step(f"multistrap: Debian {settings.suite} from {mirror} (about 20-60 s; log {log_path})")
     try:
-        run_logged([settings.programs["MULTISTRAP"], "-d", str(root), "-f", str(config)], log_path, env=env)
+        run_logged([*settings.programs["MULTISTRAP"], "-d", str(root), "-f", str(config)], log_path, env=env)
     finally:
         remove_multistrap_temp_files(root)
     if find_in_root(root, "python3") is None or find_in_root(root, "busybox") is None:
@@ -989,7 +1001,7 @@ def build_root_stage(settings, entry, mirror, log_path):
     step("modules: pruning the module tree, depmod")
     module_dir = module_dirs[0]
     if not (module_dir / "modules.dep").exists():  # the kernel's postinst did not get that far
-        run([settings.programs["DEPMOD"], "-b", str(root), kernel_version])
+        run([*settings.programs["DEPMOD"], "-b", str(root), kernel_version])
     full_dep = parse_modules_dep((module_dir / "modules.dep").read_text())
     builtin = parse_modules_builtin((module_dir / "modules.builtin").read_text())
     initrd_order = module_load_order(INITRD_MODULES, full_dep, builtin)
@@ -1002,7 +1014,7 @@ def build_root_stage(settings, entry, mirror, log_path):
         names.append(name)
     (initrd_dir / "load-order").write_text("".join(f"{n}\n" for n in names))
     prune_modules(module_dir)
-    run([settings.programs["DEPMOD"], "-b", str(root), kernel_version])
+    run([*settings.programs["DEPMOD"], "-b", str(root), kernel_version])
 
     step("root: removing docs, man pages, locales, Perl")
     prune_root(root)
@@ -1040,56 +1052,6 @@ def prepared_root_stage(settings):
 # Release assembly
 # ---------------------------------------------------------------------------
 
-BOOT_CHECK_SOURCE = r'''#!/usr/bin/python3
-"""Boot check of the helper root, independent of snf-image-helper (installed
-by snf-image-update-helper). Used by `--check` when the helper program does
-not know snf_image_check_helper, and by the builder's tests: loads the modules
-named by snf_image_boot_check_modules=a,b,c on the kernel command line, then
-writes SUCCESS or `ERROR: <reason>` to ttyS1 and powers off."""
-import ctypes
-import os
-import subprocess
-import termios
-import tty
-
-os.environ["PATH"] = "/usr/sbin:/usr/bin:/sbin:/bin"
-
-
-def verdict():
-    modules = []
-    with open("/proc/cmdline") as cmdline:
-        for word in cmdline.read().split():
-            if word.startswith("snf_image_boot_check_modules="):
-                modules += [m for m in word.split("=", 1)[1].split(",") if m]
-    if not modules:
-        return "SUCCESS"
-    proc = subprocess.run(["modprobe", "-a", *modules], capture_output=True, text=True)
-    if proc.returncode != 0:
-        lines = proc.stderr.strip().splitlines() or ["failed"]
-        return f"ERROR: modprobe {' '.join(modules)}: {lines[-1]}"
-    return "SUCCESS"
-
-
-try:
-    result = verdict()
-except Exception as exc:  # PID 1 must report and power off whatever happens
-    result = f"ERROR: boot-check: {exc}"
-fd = os.open("/dev/ttyS1", os.O_WRONLY | os.O_NOCTTY)
-tty.setraw(fd)
-os.write(fd, result.encode() + b"\n")
-termios.tcdrain(fd)
-os.sync()
-ctypes.CDLL(None, use_errno=True).reboot(0x4321FEDC)
-'''
-
-
-def helper_supports_check(program_path):
-    try:
-        return CHECK_FLAG in Path(program_path).read_text(errors="replace")
-    except OSError:
-        return False
-
-
 def install_helper_files(root, helper_program, tasks_dir):
     lib = root / HELPER_LIB_DIR
     if lib.exists():
@@ -1097,8 +1059,6 @@ def install_helper_files(root, helper_program, tasks_dir):
     (lib / "tasks").mkdir(parents=True)
     shutil.copyfile(helper_program, lib / HELPER_PROGRAM_NAME)
     (lib / HELPER_PROGRAM_NAME).chmod(0o755)
-    (lib / BOOT_CHECK_PROGRAM).write_text(BOOT_CHECK_SOURCE)
-    (lib / BOOT_CHECK_PROGRAM).chmod(0o755)
     for task in sorted(tasks_dir.iterdir()):
         if task.is_file() and not task.name.startswith("."):
             shutil.copyfile(task, lib / "tasks" / task.name)
@@ -1115,7 +1075,7 @@ def precompile_helper_modules(settings, root):
     this every task importing the library compiles it again (0.1-0.2 s each
     under TCG). unchecked-hash: the image never changes, so Python need not
     compare source timestamps."""
-    run([settings.programs["CHROOT"], str(root), "python3", "-m", "compileall", "-q",
+    run([*settings.programs["CHROOT"], str(root), "python3", "-m", "compileall", "-q",
          "--invalidation-mode", "unchecked-hash", f"/{HELPER_LIB_DIR}"])
 
 
@@ -1133,7 +1093,7 @@ def tree_size(root):
 def make_root_image(settings, root, image):
     used, inodes = tree_size(root)
     size_kib = (int(used * 1.08) + 24 * 1024 * 1024) // 1024
-    run([settings.programs["MKFS_EXT4"], "-q", "-F", "-t", "ext4", "-b", "4096", "-m", "0",
+    run([*settings.programs["MKFS_EXT4"], "-q", "-F", "-t", "ext4", "-b", "4096", "-m", "0",
          "-N", str(inodes + 2048), "-L", "snf-helper-root",
          "-O", "^has_journal,^metadata_csum,^resize_inode",
          "-E", "root_owner=0:0", "-d", str(root), str(image), f"{size_kib}k"])
@@ -1197,7 +1157,6 @@ def assemble_release(settings, entry, releases):
             "build_time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "inputs_hash": digest,
             "root_stage": entry.name,
-            "check_flag": helper_supports_check(settings.helper_program),
             "tasks": sorted(p.name for p in settings.tasks_dir.iterdir()
                             if p.is_file() and not p.name.startswith(".")),
             "packages": info["packages"],
@@ -1238,11 +1197,11 @@ def check_helper_sources(settings):
 def copy_root(settings, source, destination):
     """Hard-link copy of the cached root (a plain copy across file systems)."""
     try:
-        run([settings.programs["CP"], "-al", str(source), str(destination)])
+        run([*settings.programs["CP"], "-al", str(source), str(destination)])
     except HelperError:
         shutil.rmtree(destination, ignore_errors=True)
         step("release: cache on another file system, copying the root")
-        run([settings.programs["CP"], "-a", str(source), str(destination)])
+        run([*settings.programs["CP"], "-a", str(source), str(destination)])
 
 
 def remove_stale(directory, *patterns):
@@ -1413,7 +1372,7 @@ def kvm_usable():
 def qemu_command(settings, release, accel, work, kernel=None, append_extra=(), init=HELPER_INIT):
     append = ["console=ttyS0", "panic=-1", "quiet", "ro", "root=/dev/vda", "rootfstype=ext4",
               f"init={init}", "hypervisor=kvm", *append_extra]
-    argv = [settings.programs["QEMU"], "-accel", accel, "-machine", "pc", "-cpu", "max",
+    argv = [*settings.programs["QEMU"], "-accel", accel, "-machine", "pc", "-cpu", "max",
             "-smp", "1", "-m", str(settings.memory),
             "-nodefaults", "-nographic", "-no-reboot", "-vga", "none", "-monitor", "none",
             "-parallel", "none",
@@ -1428,16 +1387,11 @@ def qemu_command(settings, release, accel, work, kernel=None, append_extra=(), i
     return argv
 
 
-def boot_once(settings, release, accel, timeout, kernel=None, boot_check=None, append_extra=()):
-    """Boot the helper in check mode: (succeeded, seconds, reason). With
-    boot_check (default: when snf-image-helper lacks the check flag) the
-    builder's own boot-check program is init instead of snf-image-helper."""
-    if boot_check is None:
-        boot_check = not read_manifest(release).get("check_flag", False)
-    if boot_check:
-        extra, init = tuple(append_extra), f"/{HELPER_LIB_DIR}/{BOOT_CHECK_PROGRAM}"
-    else:
-        extra, init = (CHECK_FLAG, *append_extra), HELPER_INIT
+def boot_once(settings, release, accel, timeout, kernel=None, append_extra=()):
+    """Boot the helper in its check mode (snf-image-helper of the same release
+    reports SUCCESS without touching a disk; snf_image_check_modules=a,b on the
+    command line makes it load those modules first): (succeeded, seconds, reason)."""
+    extra, init = (CHECK_FLAG, *append_extra), HELPER_INIT
     with temporary_directory(tempfile.gettempdir(), "snf-image-check.") as work:
         argv = qemu_command(settings, release, accel, work, kernel, extra, init)
         started = time.monotonic()
@@ -1461,8 +1415,7 @@ def boot_once(settings, release, accel, timeout, kernel=None, boot_check=None, a
 def check(settings):
     release = current_release(settings.helper_dir)
     manifest = read_manifest(release)
-    step(f"check: booting release {release.name} ({manifest.get('kernel_format')}, "
-         f"{'snf_image_check_helper' if manifest.get('check_flag') else 'fallback boot-check init'})")
+    step(f"check: booting release {release.name} ({manifest.get('kernel_format')}, {CHECK_FLAG})")
     candidates = []
     if settings.accel in ("auto", "kvm"):
         if kvm_usable():
@@ -1507,7 +1460,7 @@ def main(argv=None):
             check(settings)
     except HelperError as err:
         print(f"Error: {err}", file=sys.stderr)
-        return 1
+        return err.exit_code
     except KeyboardInterrupt:
         print("Error: interrupted", file=sys.stderr)
         return 1

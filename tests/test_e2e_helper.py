@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 
 import ganeti_env
-from conftest import CACHE_DIR, REPO
-from helpervm import built_helper_dir, require_helper_build
+from conftest import CACHE_DIR, REPO, require_helper_build
+from helpervm import built_helper_dir
 from images import debian_image
 
 pytestmark = [pytest.mark.slow, pytest.mark.qemu, pytest.mark.root]

@@ -3,11 +3,11 @@
 Each scenario copies a cached Debian test image (tests/images.py) through the
 real OS definition (os-def/create -> snf-image-host.py, with the environment
 Ganeti passes, tests/ganeti_env.py) onto a larger disk file, with the real
-helper VM built by the real builder (tests/helpervm.py) running the
+helper VM built by the real builder (tools/helpervm.py) running the
 repository's tasks.d, and with a full customization: hostname, password, two
 SSH keys, USERS, a static IPv4 NIC with IPv6 by SLAAC, a DHCP NIC, SWAP,
 personality files with owners and modes, and a custom task. The deployed disk
-is then booted under qemu TCG (tests/guest.py) and every assertion is made on
+is then booted under qemu TCG (tools/guest.py) and every assertion is made on
 the guest's OWN report: what the booted system sees, not what a task wrote.
 
 The cloud-init scenario deploys an image with cloud-init installed and
@@ -30,8 +30,8 @@ import pytest
 
 import ganeti_env
 import guest
-from conftest import require_programs, require_root
-from helpervm import built_helper_dir, require_helper_build
+from conftest import require_helper_build, require_programs, require_root
+from helpervm import built_helper_dir
 from images import IMAGES_DIR, debian_image
 
 pytestmark = [pytest.mark.root, pytest.mark.qemu, pytest.mark.slow]

@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from conftest import load_script, require_programs, require_root
+from conftest import load_script, require_programs, require_root, write_tree
 
 helper = load_script("snf-image-helper.py", "snf_image_helper")
 
@@ -24,13 +24,7 @@ def make_filesystem(directory, kind, size_mib, files):
     image = directory / f"fs-{kind}-{len(list(directory.iterdir()))}.img"
     content = directory / f"content-{image.stem}"
     content.mkdir()
-    for name, text in files.items():
-        path = content / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if name.endswith("/"):
-            path.mkdir(exist_ok=True)
-        else:
-            path.write_text(text)
+    write_tree(content, files)
     if kind == "ext4":
         subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(content), str(image), f"{size_mib}M"], check=True)
     elif kind == "vfat":

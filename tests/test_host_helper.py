@@ -334,7 +334,8 @@ def test_sigterm_kills_qemu_and_removes_temp_files(tmp_path):
     qemu_pid = None
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        children = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()
+        children = subprocess.run(["pgrep", "-P", str(process.pid), "qemu"], capture_output=True,
+                                  text=True).stdout.split()
         if children:
             qemu_pid = int(children[0])
             break
@@ -356,9 +357,9 @@ def test_answer_file_outside_image_dir_is_refused(tmp_path):
     config = host.finalize_config({"IMAGE_DIR": str(tmp_path / "images")})
     (tmp_path / "images").mkdir()
     with pytest.raises(host.SnfError, match="inside IMAGE_DIR"):
-        host.fetch_answer_file("file:///etc/shadow", config.IMAGE_DIR)
+        host.fetch_answer_file("file:///etc/shadow", config.IMAGE_DIR, 5)
     with pytest.raises(host.SnfError, match="inside IMAGE_DIR"):
-        host.fetch_answer_file(f"file://{tmp_path}/images/../x.xml", config.IMAGE_DIR)
+        host.fetch_answer_file(f"file://{tmp_path}/images/../x.xml", config.IMAGE_DIR, 5)
 
 
 @pytest.mark.parametrize("outcome, expected", [

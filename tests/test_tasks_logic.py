@@ -267,6 +267,21 @@ def test_the_partition_ending_last_grows_not_the_highest_number():
                                       P(3, 5 * MIB, MIB, "83")]) == 2
 
 
+def test_logical_partitions_need_an_extended_one():
+    for parts in ([P(1, 2048, MIB, "83"), P(5, 2 * MIB, MIB, "83")], [P(5, 2048, MIB, "83")]):
+        with pytest.raises(TaskError, match="without an extended partition"):
+            plan("dos", parts)
+
+
+def test_the_task_grows_the_partition_the_helper_names():
+    """One rule: the partition grown is SNF_IMAGE_RESIZE_PART's (partition_to_resize)."""
+    parts = [P(1, 2048, MIB, "83"), P(2, 4 * MIB, 10 * MIB, "5"), P(5, 5 * MIB, MIB, "83"),
+             P(6, 7 * MIB, MIB, "83"), P(3, 2 * MIB, MIB, "83")]
+    table = {"label": "dos", "partitions": [p._asdict() for p in parts]}
+    assert FIX.last_partition("dos", parts) == HELPER.partition_to_resize(table) == 6
+    assert [c.number for c in plan("dos", parts)] == [2, 6]
+
+
 def test_growing_over_another_partition_is_refused():
     planner = FIX.Planner("gpt", [P(1, 2048, MIB, "X"), P(2, 10 * MIB, MIB, "X")], TOTAL, 512)
     with pytest.raises(TaskError, match="Partition 2 lies after partition 1"):

@@ -223,17 +223,17 @@ def settings_for(helper_dir):
 
 @pytest.mark.qemu
 def test_module_tree_in_the_root_loads_filesystems_in_the_vm(helper_vm_dir):
-    """modprobe inside the booted helper (the builder's boot-check as init):
+    """modprobe inside the booted helper (its check mode, snf_image_check_modules=):
     the pruned, depmod'ed tree has what the tasks mount; a missing module fails."""
     require_programs("qemu-system-x86_64")
     settings = settings_for(helper_vm_dir)
     release = builder.current_release(helper_vm_dir)
     wanted = "xfs,btrfs,vfat,msdos,loop,fuse,isofs,squashfs,nls_utf8,nls_cp437"
-    ok, _seconds, reason = builder.boot_once(settings, release, "tcg", 600, boot_check=True,
-                                             append_extra=(f"snf_image_boot_check_modules={wanted}",))
+    ok, _seconds, reason = builder.boot_once(settings, release, "tcg", 600,
+                                             append_extra=(f"snf_image_check_modules={wanted}",))
     assert ok, reason
-    ok, _seconds, reason = builder.boot_once(settings, release, "tcg", 600, boot_check=True,
-                                             append_extra=("snf_image_boot_check_modules=no_such_module",))
+    ok, _seconds, reason = builder.boot_once(settings, release, "tcg", 600,
+                                             append_extra=("snf_image_check_modules=no_such_module",))
     assert not ok and "no_such_module" in reason
 
 

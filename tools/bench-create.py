@@ -5,7 +5,7 @@ Pipeline: image source → O_DIRECT copy → floppy + helper VM → **tasks** �
 Each run deploys the 1 GiB Debian test image (MBR, ext4; tools/build-test-image.py)
 onto a fresh 3 GiB disk file through the real os-def/create with Ganeti's
 environment and the real helper (built by the real builder, cached by
-tests/helpervm.py), and times `create` from start to exit:
+tools/helpervm.py), and times `create` from start to exit:
 
   full      every Linux task does real work: partition table and file system
             grown, swap partition, hostname, machine-id, password for two
@@ -32,12 +32,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
-sys.path.insert(0, str(REPO / "tools"))
-
-import helpervm  # noqa: E402  (builds and caches the helper like the tests do)
-import demo  # noqa: E402      (image, OS directory and Ganeti environment of `make demo`)
+import helpervm  # builds and caches the helper as the tests do
+import demo      # image, OS directory and Ganeti environment of `make demo`
 
 NICS = ({"mac": "aa:00:00:be:00:01", "ip": "192.0.2.10", "network_subnet": "192.0.2.0/24",
          "network_gateway": "192.0.2.1", "network_subnet6": "2001:db8:1::/64",

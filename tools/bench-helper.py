@@ -3,7 +3,7 @@
 
 Pipeline: image source → O_DIRECT copy → floppy + **helper VM** → tasks → SUCCESS.
 This measures the fixed cost every `create` pays for the helper VM: boot the
-real helper (built by the real builder, cached by tests/helpervm.py, with an
+real helper (built by the real builder, cached by tools/helpervm.py, with an
 empty tasks directory and EXCLUDE_ALL_TASKS) under TCG with the command line
 of DESIGN.md §4 and a real floppy, until it writes SUCCESS and powers off.
 
@@ -32,11 +32,9 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
+import helpervm  # builds and caches the helper as the tests do
+from repository import load_script
 
-import helpervm  # noqa: E402  (the test fixture module builds and caches the helper)
-from conftest import load_script  # noqa: E402
 
 GOAL_SECONDS = 7.0
 TIMEOUT_SECONDS = 180
