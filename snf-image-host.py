@@ -124,29 +124,44 @@ WINDOWS_TIMEZONES = {
     "300": "Tonga Standard Time",
 }
 
+# The default answer files, written from Microsoft's unattend schema: the
+# specialize pass names the machine "*" (a random name until the helper writes
+# the instance's), sets the time zone and marks the local account step of OOBE
+# as done (the helper sets the passwords); the oobeSystem pass answers every
+# OOBE question.  Each component is present for amd64 and x86 images; the
+# helper adds ComputerName, ProductKey, passwords and its commands.
 UNATTEND_TEMPLATE = """<?xml version="1.0" encoding="utf-8"?>
-<!-- Default answer file written by snf-image (time zone from WINDOWS_TIMEZONE). -->
-<unattend xmlns="urn:schemas-microsoft-com:unattend">
+<!-- Default answer file of snf-image (time zone from WINDOWS_TIMEZONE). -->
+<unattend xmlns="urn:schemas-microsoft-com:unattend" xmlns:wcm="http://schemas.microsoft.com/WMIConfig/2002/State">
 {components}
 </unattend>
 """
 UNATTEND_COMPONENTS = """  <settings pass="specialize">
-    <component name="Microsoft-Windows-Shell-Setup" processorArchitecture="{arch}" publicKeyToken="31bf3856ad364e35" language="neutral" versionScope="nonSxS" xmlns:wcm="http://schemas.microsoft.com/WMIConfig/2002/State">
+    <component name="Microsoft-Windows-Shell-Setup" processorArchitecture="{arch}" publicKeyToken="31bf3856ad364e35" language="neutral" versionScope="nonSxS">
       <ComputerName>*</ComputerName>
       <TimeZone>{timezone}</TimeZone>
       <DisableAutoDaylightTimeSet>false</DisableAutoDaylightTimeSet>
       <RegisteredOrganization>snf-image</RegisteredOrganization>
       <RegisteredOwner>snf-image</RegisteredOwner>
     </component>
+    <component name="Microsoft-Windows-Deployment" processorArchitecture="{arch}" publicKeyToken="31bf3856ad364e35" language="neutral" versionScope="nonSxS">
+      <RunSynchronous>
+        <RunSynchronousCommand wcm:action="add">
+          <Description>No local account to create in OOBE</Description>
+          <Order>1</Order>
+          <Path>reg.exe add "HKLM\\SOFTWARE\\Microsoft\\Windows\\CurrentVersion\\Setup\\OOBE" /v UnattendCreatedUser /t REG_DWORD /d 1 /f</Path>
+        </RunSynchronousCommand>
+      </RunSynchronous>
+    </component>
   </settings>
   <settings pass="oobeSystem">
-    <component name="Microsoft-Windows-International-Core" processorArchitecture="{arch}" publicKeyToken="31bf3856ad364e35" language="neutral" versionScope="nonSxS" xmlns:wcm="http://schemas.microsoft.com/WMIConfig/2002/State">
+    <component name="Microsoft-Windows-International-Core" processorArchitecture="{arch}" publicKeyToken="31bf3856ad364e35" language="neutral" versionScope="nonSxS">
       <InputLocale>en-US</InputLocale>
       <SystemLocale>en-US</SystemLocale>
       <UILanguage>en-US</UILanguage>
       <UserLocale>en-US</UserLocale>
     </component>
-    <component name="Microsoft-Windows-Shell-Setup" processorArchitecture="{arch}" publicKeyToken="31bf3856ad364e35" language="neutral" versionScope="nonSxS" xmlns:wcm="http://schemas.microsoft.com/WMIConfig/2002/State">
+    <component name="Microsoft-Windows-Shell-Setup" processorArchitecture="{arch}" publicKeyToken="31bf3856ad364e35" language="neutral" versionScope="nonSxS">
       <OOBE>
         <HideEULAPage>true</HideEULAPage>
         <NetworkLocation>Other</NetworkLocation>
@@ -735,6 +750,14 @@ def _closing_quote(body, quote):
     return None
 
 
+def _is_dev_null(info):
+    try:
+        null = os.stat(os.devnull)
+    except OSError:
+        return False
+    return stat.S_ISCHR(info.st_mode) and info.st_rdev == null.st_rdev
+
+
 def read_config_file(path):
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -745,11 +768,14 @@ def read_config_file(path):
     try:
         with open(fd, "rb", closefd=True) as handle:
             info = os.fstat(handle.fileno())
-            if not stat.S_ISREG(info.st_mode):
+            if _is_dev_null(info):      # the usual way of saying "no configuration"
+                text = ""
+            elif not stat.S_ISREG(info.st_mode):
                 raise SnfError(f"configuration file {path} is not a regular file", 2)
-            if info.st_size > 4 * MIB:
+            elif info.st_size > 4 * MIB:
                 raise SnfError(f"configuration file {path} is larger than 4 MiB", 2)
-            text = handle.read().decode("utf-8")
+            else:
+                text = handle.read().decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise SnfError(f"cannot read configuration file {path}: {exc}", 2) from None
     try:
@@ -3222,29 +3248,73 @@ def supports_direct_io(path):
     return True
 
 
-def helper_command(config, release, accel, disks, floppy, fds):
-    append = ("console=ttyS0 panic=-1 quiet ro root=/dev/vda rootfstype=ext4 "
-              "init=/usr/bin/snf-image-helper hypervisor=kvm snf_image_activate_helper rules_dev=/dev/fd0")
+# The helper's kernel command line. Besides what the helper needs (console,
+# root, init, activation), options that shorten the boot under TCG, each
+# measured by tools/bench-helper.py and none taking away a device the helper
+# uses: no speculative-execution mitigations and no zeroing of every
+# allocation (the VM runs nothing but the helper and lives for one
+# deployment), no timer and TSC checks, no crypto self-tests, expedited RCU
+# grace periods, no keyboard/mouse probing, one PCI bus, no audit, no KASLR,
+# no read-only remapping of the kernel (and so no W+X scan).
+HELPER_KERNEL_OPTIONS = (
+    "console=ttyS0", "panic=-1", "quiet", "ro", "root=/dev/vda", "rootfstype=ext4",
+    "mitigations=off", "init_on_alloc=0", "tsc=reliable", "no_timer_check",
+    "cryptomgr.notests", "rcupdate.rcu_expedited=1", "i8042.noaux", "i8042.nokbd",
+    "pci=lastbus=0", "audit=0", "nokaslr", "rodata=off", "nowatchdog",
+)
+HELPER_INIT = "/usr/bin/snf-image-helper"
+# qemu's minimal firmware: it hands over to the kernel about 2 s sooner than
+# SeaBIOS under TCG. Where qemu does not ship it, qemu's default BIOS is used.
+HELPER_FIRMWARE_CANDIDATES = ("/usr/share/qemu/qboot.rom",)
+HELPER_ROOT_SERIAL = "snf-helper-root"
+RULES_SERIAL = "snf-rules"
+
+
+def helper_firmware():
+    return next((path for path in HELPER_FIRMWARE_CANDIDATES if os.path.isfile(path)), None)
+
+
+def helper_command(config, release, accel, disks, rules, ports, *, kernel=None, init=HELPER_INIT,
+                   extra_append=()):
+    """The helper VM's qemu command line (DESIGN.md §4). The one place it is
+    built: `create`, the builder's --check and tools/bench-helper.py use it.
+
+    `rules` is the rules image (None: no rules disk and no activation flag, as
+    the builder's boot check wants); `ports` maps console, result and progress
+    to an inherited descriptor (int) or a file path (str); a missing port is
+    discarded. `kernel` replaces the release's kernel (the benchmark's bzImage)."""
+    append = [*HELPER_KERNEL_OPTIONS, f"init={init}", "hypervisor=kvm"]
+    if rules is not None:
+        append += ["snf_image_activate_helper", f"rules_serial={RULES_SERIAL}"]
     if config.HELPER_DEBUG:
-        append += " snf_image_debug_helper"
+        append.append("snf_image_debug_helper")
+    append += list(extra_append)
+    firmware = helper_firmware()
     argv = config.QEMU + [
         "-accel", accel, "-machine", "pc", "-cpu", "max", "-smp", "1", "-m", str(config.HELPER_MEMORY),
         "-nodefaults", "-nographic", "-no-reboot", "-vga", "none", "-monitor", "none",
-        "-parallel", "none",
-        "-kernel", os.path.join(release, "kernel"), "-initrd", os.path.join(release, "initrd"),
-        "-append", append,
+        "-parallel", "none", *(["-bios", firmware] if firmware else []),
+        "-kernel", str(kernel or os.path.join(release, "kernel")),
+        "-initrd", os.path.join(release, "initrd"),
+        "-append", " ".join(append),
         "-drive", f"file={qemu_drive_value(os.path.join(release, 'image'))},format=raw,if=none,"
                   "id=helperroot,readonly=on",
-        "-device", "virtio-blk-pci,drive=helperroot,serial=snf-helper-root",
+        "-device", f"virtio-blk-pci,drive=helperroot,serial={HELPER_ROOT_SERIAL}",
     ]
     for disk in disks:
         cache = "none" if disk.path is None or supports_direct_io(disk.path) else "writeback"
         argv += ["-drive", f"file={qemu_drive_value(disk.target)},format=raw,if=none,id=disk{disk.index},"
                            f"cache={cache},aio=threads",
                  "-device", f"virtio-blk-pci,drive=disk{disk.index},serial=snf-disk{disk.index}"]
-    argv += ["-drive", f"file={qemu_drive_value(floppy)},if=floppy,format=raw,readonly=on"]
+    if rules is not None:
+        argv += ["-drive", f"file={qemu_drive_value(str(rules))},format=raw,if=none,id=rules,readonly=on",
+                 "-device", f"virtio-blk-pci,drive=rules,serial={RULES_SERIAL}"]
     for name in ("console", "result", "progress"):
-        argv += ["-serial", f"file:/proc/self/fd/{fds[name]}"]
+        port = ports.get(name)
+        if port is None:
+            argv += ["-serial", "null"]
+        else:
+            argv += ["-serial", f"file:/proc/self/fd/{port}" if isinstance(port, int) else f"file:{port}"]
     argv += ["-serial", "pty" if config.HELPER_DEBUG else "null"]
     if config.HELPER_USER != "root":
         argv += ["-runas", config.HELPER_USER]

@@ -52,7 +52,7 @@ if sys.version_info < (3, 11):
 # ---------------------------------------------------------------------------
 
 # Bump when the root stage changes in a way the cache key does not see.
-ROOT_RECIPE_VERSION = 3
+ROOT_RECIPE_VERSION = 4
 
 HOST_APT_SOURCES = ("/etc/apt/sources.list.d/debian.sources", "/etc/apt/sources.list")
 DATADIR_HELPER = Path("/usr/local/share/snf-image/helper")
@@ -64,11 +64,12 @@ HELPER_PACKAGES = (
     "usr-is-merged", "python3", "util-linux", "e2fsprogs", "fdisk", "gdisk",
     "parted", "dosfstools", "xfsprogs", "btrfs-progs", "ntfs-3g",
     "libhivex-bin", "kmod", "busybox-static", "linux-image-amd64",
+    "openssh-client", "libcrypt1",  # new SSH host keys, yescrypt password hashes
 )
 
-# Modules the initrd loads (with their dependencies) to reach the root disk
-# and the rules floppy. Built-in ones are skipped.
-INITRD_MODULES = ("virtio_pci", "virtio_blk", "virtio_console", "floppy", "ext4", "crc32c_generic")
+# Modules the initrd loads (with their dependencies) to reach the root disk.
+# Built-in ones are skipped. The helper loads the rest from its root.
+INITRD_MODULES = ("virtio_pci", "virtio_blk", "ext4", "crc32c_generic")
 
 # Parts of the kernel's module tree kept in the helper root ("modprobe xfs"
 # and friends work); everything else (sound, GPU, network, media...) goes.
@@ -692,6 +693,39 @@ def read_module(path, zstd_command=("zstd",)):
     return data
 
 
+MODULE_SIGNATURE_MAGIC = b"~Module signature appended~\n"
+
+
+def without_signature(module):
+    """The module without its appended signature: the kernel then skips the
+    check (hashing megabytes under TCG) and loads it, since the helper's
+    kernel does not enforce signatures; the modules come from the same
+    package as the kernel."""
+    if not module.endswith(MODULE_SIGNATURE_MAGIC):
+        return module
+    # struct module_signature: 8 bytes, then the signature's length (be32)
+    info_end = len(module) - len(MODULE_SIGNATURE_MAGIC)
+    signature_length = struct.unpack(">I", module[info_end - 4:info_end])[0]
+    end = info_end - 12 - signature_length
+    if end <= 0:
+        raise HelperError("malformed module signature")
+    return module[:end]
+
+
+def initrd_modules(root, zstd_command=("zstd",)):
+    """(file name, bytes) of INITRD_MODULES and their dependencies in load
+    order, from the root's (pruned, depmod'ed) module tree."""
+    module_dirs = sorted((root / "lib/modules").glob("*"))
+    if len(module_dirs) != 1:
+        raise HelperError(f"expected one module tree in the helper root, found {len(module_dirs)}")
+    module_dir = module_dirs[0]
+    dep = parse_modules_dep((module_dir / "modules.dep").read_text())
+    builtin = parse_modules_builtin((module_dir / "modules.builtin").read_text())
+    return [(module_name(relative) + ".ko",
+             without_signature(read_module(module_dir / relative, zstd_command)))
+            for relative in module_load_order(INITRD_MODULES, dep, builtin)]
+
+
 # ---------------------------------------------------------------------------
 # Initrd: cpio newc written here
 # ---------------------------------------------------------------------------
@@ -893,7 +927,9 @@ def prune_root(root):
     gconv = root / "usr/lib/x86_64-linux-gnu/gconv"
     if gconv.is_dir():
         for path in gconv.iterdir():
-            if not (path.name.startswith("gconv-modules") or path.name.startswith(("UTF-", "UNICODE"))):
+            # hivex reads the registry's compressed key names as Latin-1
+            if not (path.name.startswith("gconv-modules") or
+                    path.name.startswith(("UTF-", "UNICODE", "ISO8859-1."))):
                 remove_path(path)
     zoneinfo = root / "usr/share/zoneinfo"
     if zoneinfo.is_dir():
@@ -1002,17 +1038,6 @@ def build_root_stage(settings, entry, mirror, log_path):
     module_dir = module_dirs[0]
     if not (module_dir / "modules.dep").exists():  # the kernel's postinst did not get that far
         run([*settings.programs["DEPMOD"], "-b", str(root), kernel_version])
-    full_dep = parse_modules_dep((module_dir / "modules.dep").read_text())
-    builtin = parse_modules_builtin((module_dir / "modules.builtin").read_text())
-    initrd_order = module_load_order(INITRD_MODULES, full_dep, builtin)
-    initrd_dir = entry / "initrd-modules"
-    initrd_dir.mkdir()
-    names = []
-    for relative in initrd_order:
-        name = module_name(relative) + ".ko"
-        (initrd_dir / name).write_bytes(read_module(module_dir / relative, settings.programs["ZSTD"]))
-        names.append(name)
-    (initrd_dir / "load-order").write_text("".join(f"{n}\n" for n in names))
     prune_modules(module_dir)
     run([*settings.programs["DEPMOD"], "-b", str(root), kernel_version])
 
@@ -1052,6 +1077,17 @@ def prepared_root_stage(settings):
 # Release assembly
 # ---------------------------------------------------------------------------
 
+# init= of the helper: imports the helper program as a module, so that its
+# precompiled .pyc is used (a script run directly is compiled at every boot:
+# about half a second under TCG).
+HELPER_INIT_SOURCE = f"""#!/usr/bin/python3
+import sys
+sys.path.insert(0, "/{HELPER_LIB_DIR}")
+import {HELPER_PROGRAM_NAME.removesuffix(".py")}
+sys.exit({HELPER_PROGRAM_NAME.removesuffix(".py")}.main())
+"""
+
+
 def install_helper_files(root, helper_program, tasks_dir):
     lib = root / HELPER_LIB_DIR
     if lib.exists():
@@ -1063,10 +1099,11 @@ def install_helper_files(root, helper_program, tasks_dir):
         if task.is_file() and not task.name.startswith("."):
             shutil.copyfile(task, lib / "tasks" / task.name)
             (lib / "tasks" / task.name).chmod(0o755 if os.access(task, os.X_OK) else 0o644)
-    link = root / HELPER_INIT.lstrip("/")
-    if link.exists() or link.is_symlink():
-        link.unlink()
-    link.symlink_to(f"../lib/snf-image-helper/{HELPER_PROGRAM_NAME}")
+    init = root / HELPER_INIT.lstrip("/")
+    if init.exists() or init.is_symlink():
+        init.unlink()
+    init.write_text(HELPER_INIT_SOURCE)
+    init.chmod(0o755)
 
 
 def precompile_helper_modules(settings, root):
@@ -1137,10 +1174,8 @@ def assemble_release(settings, entry, releases):
         make_root_image(settings, root, work / "image")
         shutil.rmtree(root)
         step("release: initrd (busybox + modules, cpio newc + gzip)")
-        modules_dir = entry / "initrd-modules"
-        order = (modules_dir / "load-order").read_text().split()
         write_initrd(work / "initrd", find_in_root(entry / "root", "busybox").read_bytes(),
-                     [(name, (modules_dir / name).read_bytes()) for name in order])
+                     initrd_modules(entry / "root", settings.programs["ZSTD"]))
         kernel_source = entry / ("vmlinux" if info["kernel_format"] == "vmlinux-pvh" else "vmlinuz")
         link_or_copy(kernel_source, work / "kernel")
         link_or_copy(entry / "vmlinuz", work / "vmlinuz")
@@ -1370,21 +1405,16 @@ def kvm_usable():
 
 
 def qemu_command(settings, release, accel, work, kernel=None, append_extra=(), init=HELPER_INIT):
-    append = ["console=ttyS0", "panic=-1", "quiet", "ro", "root=/dev/vda", "rootfstype=ext4",
-              f"init={init}", "hypervisor=kvm", *append_extra]
-    argv = [*settings.programs["QEMU"], "-accel", accel, "-machine", "pc", "-cpu", "max",
-            "-smp", "1", "-m", str(settings.memory),
-            "-nodefaults", "-nographic", "-no-reboot", "-vga", "none", "-monitor", "none",
-            "-parallel", "none",
-            "-kernel", str(kernel or release / "kernel"), "-initrd", str(release / "initrd"),
-            "-append", " ".join(append),
-            "-drive", f"file={release / 'image'},format=raw,if=none,id=helperroot,readonly=on",
-            "-device", f"virtio-blk-pci,drive=helperroot,serial={ROOT_SERIAL}",
-            "-serial", f"file:{work / 'console'}", "-serial", f"file:{work / 'result'}",
-            "-serial", "null", "-serial", "null"]
-    if os.geteuid() == 0 and settings.user:
-        argv += ["-runas", settings.user]
-    return argv
+    """The host's helper command line without disks and rules (so without
+    the activation flag); console and result go to files in `work`."""
+    from types import SimpleNamespace
+    config = SimpleNamespace(QEMU=list(settings.programs["QEMU"]), HELPER_MEMORY=settings.memory,
+                             HELPER_DEBUG=False,
+                             HELPER_USER=settings.user if os.geteuid() == 0 and settings.user else "root")
+    return host_program.helper_command(
+        config, str(release), accel, [], None,
+        {"console": str(work / "console"), "result": str(work / "result")},
+        kernel=kernel, init=init, extra_append=append_extra)
 
 
 def boot_once(settings, release, accel, timeout, kernel=None, append_extra=()):

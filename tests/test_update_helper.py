@@ -341,6 +341,18 @@ def test_read_module_decompresses(tmp_path):
     assert builder.read_module(tmp_path / "c.ko") == b"\x7fELFplain"
 
 
+def test_module_signature_is_stripped():
+    import struct
+    body = b"\x7fELF" + bytes(100)
+    signature = b"S" * 37
+    info = bytes(8) + struct.pack(">I", len(signature))
+    signed = body + signature + info + builder.MODULE_SIGNATURE_MAGIC
+    assert builder.without_signature(signed) == body
+    assert builder.without_signature(body) == body
+    with pytest.raises(HelperError, match="signature"):
+        builder.without_signature(b"\x7fE" + struct.pack(">I", 1000) + builder.MODULE_SIGNATURE_MAGIC)
+
+
 # ---------------------------------------------------------------------------
 # releases: manifest, export/import, atomic switch
 # ---------------------------------------------------------------------------
