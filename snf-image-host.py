@@ -1492,12 +1492,6 @@ class PeekReader(io.RawIOBase):
         return not self.head and at_hole(self.raw)
 
 
-def _gzip_header(head):
-    """A real gzip member starts with method 8 (deflate) and no reserved flag bits;
-    a raw disk image that merely starts with 1f 8b is copied as it is."""
-    return len(head) == 10 and head[2] == 8 and not head[3] & 0xE0
-
-
 def skip_hole(reader):
     """Skip the hole (aligned run of zeros known without reading) at the reader's
     position and return its length; 0 when the reader is at data or knows no holes."""
@@ -1563,6 +1557,12 @@ class HoleSkippingFile:
         n = os.preadv(self.fd, [view[:count]], self.position)
         self.position += n
         return n
+
+
+def _gzip_header(head):
+    """A real gzip member starts with method 8 (deflate) and no reserved flag bits;
+    a raw disk image that merely starts with 1f 8b is copied as it is."""
+    return len(head) == 10 and head[2] == 8 and not head[3] & 0xE0
 
 
 COMPRESSION_MAGIC = ((b"\x1f\x8b", "gzip"), (b"\xfd7zXZ\x00", "xz"), (b"BZh", "bzip2"),
@@ -1820,7 +1820,7 @@ class LocalSource(ImageSource):
             raise SnfError(f"image file {path} is empty", 2)
         reader = HoleSkippingFile(self.file, self.size)
         checksum = self.find_checksum(path)
-        self.checksum = None        # set when the copy itself must verify it
+        self.checksum = None        # set when the checksum is still to be checked while reading
         if checksum and self.size <= available_memory() // 2:
             self.verify_first(*checksum)
         elif checksum:

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CACHE_DIR, require_programs
-from conftest import require_helper_build
+from conftest import CACHE_DIR, require_helper_build, require_programs
 from helpervm import built_helper_dir
 from images import debian_image
 from test_e2e_helper import RECORDING_TASKS, Deployment, same_bytes

@@ -14,9 +14,9 @@ Cases, each printed as median seconds per tool and the ratio of medians
   dense   a random image of --dense-mib (2 GiB): against dd bs=4M oflag=direct
           (goal >= 1.0, no regression);
   xz      pipelining: an xz-compressed image of --xz-mib (random data): ours
-          against the time of decompressing alone plus writing alone (the sum a
-          serial copier would take) and against the larger of the two (perfect
-          overlap).
+          against the shell pipeline `xz -dc -T0 | dd bs=4M oflag=direct`, and
+          against the time of decompressing alone plus writing alone (what a
+          serial copier would take) and the larger of the two (perfect overlap).
 Tools run interleaved, round by round, in rotated order (the machine is shared):
 medians over --rounds. Ours is started the way Ganeti starts it: the host
 program installed with its bytecode next to a `deploy` wrapper made from
@@ -123,7 +123,7 @@ def main():
     options = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench-copy: needs root (loop device)")
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit("bench-copy: terminated"))   # clean up on kill
+    signal.signal(signal.SIGTERM, signal.default_int_handler)   # like Ctrl-C: report the rounds done, clean up
     for program in ("qemu-img", "dd", "losetup", "xz", "cmp"):
         if shutil.which(program) is None:
             sys.exit(f"bench-copy: needs {program}")
@@ -202,23 +202,34 @@ def main():
         run(["cmp", "-n", str(sparse_size), str(sparse), loop])
 
         times = {(case, tool): [] for case, tools in cases.items() for tool in tools}
-        xz_times = {"ours (xz image)": [], "decompress only": [], "write only": []}
+        xz_times = {"ours (xz image)": [], "xz -dc | dd": [], "decompress only": [], "write only": []}
         xz_write_image = work / "xz-plain.img"
         subprocess.run(["sh", "-c", f"xz -dc {xz_image} > {xz_write_image}"], check=True)
         os.link(xz_write_image, images / "xz-plain.img")
-        for round_number in range(options.rounds):
-            runs = [(case, tool) for case, tools in cases.items() for tool in tools]
-            shift = round_number % len(runs)
-            for case, tool in runs[shift:] + runs[:shift]:
-                argv, old_data = cases[case][tool]
-                if old_data:
-                    refill()
-                times[(case, tool)].append(timed(argv, environment if tool == "ours" else None))
-            xz_times["ours (xz image)"].append(timed(ours("packed.img.xz"), environment))
-            xz_times["decompress only"].append(timed_shell(f"xz -dc -T0 {xz_image} > /dev/null"))
-            xz_times["write only"].append(timed(ours("xz-plain.img"), environment))
-            print(f"bench-copy: round {round_number + 1}/{options.rounds} done", flush=True)
+        try:
+            for round_number in range(options.rounds):
+                runs = [(case, tool) for case, tools in cases.items() for tool in tools]
+                shift = round_number % len(runs)
+                for case, tool in runs[shift:] + runs[:shift]:
+                    argv, old_data = cases[case][tool]
+                    if old_data:
+                        refill()
+                    times[(case, tool)].append(timed(argv, environment if tool == "ours" else None))
+                xz_times["ours (xz image)"].append(timed(ours("packed.img.xz"), environment))
+                xz_times["xz -dc | dd"].append(timed_shell(
+                    f"xz -dc -T0 {xz_image} | dd of={loop} bs=4M iflag=fullblock oflag=direct conv=notrunc,fsync "
+                    "status=none"))
+                xz_times["decompress only"].append(timed_shell(f"xz -dc -T0 {xz_image} > /dev/null"))
+                xz_times["write only"].append(timed(ours("xz-plain.img"), environment))
+                print(f"bench-copy: round {round_number + 1}/{options.rounds} done", flush=True)
 
+        except KeyboardInterrupt:
+            done = min(len(values) for values in (*times.values(), *xz_times.values()))
+            if not done:
+                raise
+            for values in (*times.values(), *xz_times.values()):
+                del values[done:]
+            print(f"bench-copy: interrupted: medians of the {done} complete rounds")
         print()
         print(f"{'case':<8} {'tool':<18} {'median s':>9}   runs (s)")
         medians = {}
@@ -241,6 +252,8 @@ def main():
         decompress = statistics.median(xz_times["decompress only"])
         write = statistics.median(xz_times["write only"])
         packed = statistics.median(xz_times["ours (xz image)"])
+        pipeline = statistics.median(xz_times["xz -dc | dd"])
+        print(f"bench-copy: xz image of {options.xz_mib} MiB: xz -dc | dd / ours = {pipeline / packed:.2f}")
         print(f"bench-copy: xz image of {options.xz_mib} MiB: ours {packed:.2f} s against decompress + write "
               f"{decompress + write:.2f} s (serial; ratio {(decompress + write) / packed:.2f}) and "
               f"max(decompress, write) {max(decompress, write):.2f} s (perfect overlap; ratio "
