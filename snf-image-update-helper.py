@@ -16,8 +16,12 @@ Pipeline: image source → O_DIRECT copy → floppy + **helper VM** → tasks �
      the previous release for deployments still running from it.
 
 `--export`/`--import` move a release between nodes as a tar verified against
-its manifest; `--check` boots the helper once and reports which accelerator
-works and how long the boot took.
+its manifest (the export writes FILE.sha256 next to it); `-u URL` (or
+HELPER_URL in /etc/default/snf-image-update-helper) fetches such an export
+over http(s) or file:// and verifies its sha256, so that a site builds once
+and every node fetches. `--check` reports a missing, broken or outdated
+helper in one line, then boots it once and reports which accelerator works
+and how long the boot took.
 """
 
 import argparse
@@ -26,6 +30,7 @@ import contextlib
 import fcntl
 import gzip
 import hashlib
+import http.client
 import io
 import json
 import lzma
@@ -41,6 +46,9 @@ import sys
 import tarfile
 import tempfile
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +66,10 @@ SNF_IMAGE_VERSION = "0.24.0"  # as snf-image-host.py
 ROOT_RECIPE_VERSION = 3
 
 DEFAULT_CONFIG_FILE = "/etc/default/snf-image"
+# upstream's file of this program: HELPER_URL only (SNF_IMAGE_UPDATE_HELPER_CONFIG overrides)
+UPDATE_HELPER_CONFIG_FILE = "/etc/default/snf-image-update-helper"
+FETCH_SCHEMES = ("http", "https", "file")
+FETCH_TIMEOUT = 60
 HOST_APT_SOURCES = ("/etc/apt/sources.list.d/debian.sources", "/etc/apt/sources.list")
 DATADIR_HELPER = Path("/usr/local/share/snf-image/helper")
 
@@ -303,7 +315,8 @@ def build_arg_parser():
         prog="snf-image-update-helper",
         description="Build the snf-image helper VM (multistrap root, kernel, initrd, "
                     "read-only ext4 image) into HELPER_DIR and switch to it atomically. "
-                    "Without an action option it builds.",
+                    "Without an action option it builds, or fetches HELPER_URL when "
+                    "one is configured.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="""\
 configuration:
@@ -322,22 +335,54 @@ HELPER_DIR after a build:
   cache/rootfs-<hash>/              multistrap + kernel, reused while the
                                     suite, mirror and package list stay the same
 
+HELPER_URL:
+  /etc/default/snf-image-update-helper (SNF_IMAGE_UPDATE_HELPER_CONFIG names
+  another file) may set HELPER_URL="URL" as with the original snf-image; then
+  the default action fetches that URL instead of building (--build still
+  builds). The URL names a tar written by --export; URL.sha256 (written by
+  --export next to it) must be served too and is always verified.
+
+options of the original snf-image-update-helper:
+  -y, -f, -u URL and -h work as there. -c (skip the checksum) is refused: a
+  fetched helper is always verified. The original's helper archives (kernel,
+  initrd, image, version) cannot be used: build here and move with --export.
+
 examples:
-  snf-image-update-helper                       build (seconds when cached)
+  snf-image-update-helper -y                    build (seconds when cached)
   snf-image-update-helper --build --check       build, then boot it once
-  snf-image-update-helper --export helper.tar   on a node with a helper
-  snf-image-update-helper --import helper.tar --check   on the other nodes
+  snf-image-update-helper --export /srv/www/helper.tar.gz   once per site
+  snf-image-update-helper -y -u http://repo.example.org/helper.tar.gz   on every node
+  snf-image-update-helper --import helper.tar.gz --check    air-gapped node
+  snf-image-update-helper --check               is this node's helper usable?
 """,
     )
     actions = parser.add_argument_group("actions")
     actions.add_argument("--build", action="store_true",
-                         help="build a release (the default when no other action is given)")
+                         help="build a release (the default when no other action is given "
+                              "and no HELPER_URL is configured)")
     actions.add_argument("--export", metavar="FILE",
-                         help="write the current release as a tar (.tar, .tar.gz, .tar.xz)")
+                         help="write the current release as a tar (.tar, .tar.gz, .tar.xz) "
+                              "and its sha256 as FILE.sha256")
     actions.add_argument("--import", dest="import_file", metavar="FILE",
-                         help="install a release exported by --export after verifying it")
+                         help="install a release exported by --export after verifying it "
+                              "(and FILE.sha256 when present)")
+    actions.add_argument("-u", "--url", metavar="URL",
+                         help="fetch a release exported by --export from an http, https or "
+                              "file URL, verify URL.sha256 and the manifest, install it "
+                              "[HELPER_URL]")
     actions.add_argument("--check", action="store_true",
-                         help="boot the current release once; report accelerator and boot time")
+                         help="report a missing, broken or outdated helper in one line, then "
+                              "boot the current release once (accelerator and boot time)")
+    answers = parser.add_argument_group("as the original snf-image-update-helper")
+    answers.add_argument("-y", "--yes", action="store_true",
+                         help="do not ask before replacing the current helper (asked only on "
+                              "a terminal)")
+    answers.add_argument("-f", "--force", action="store_true",
+                         help="build a new release even when the current one is up to date; "
+                              "install a fetched or imported release built for another "
+                              "snf-image version")
+    answers.add_argument("-c", dest="skip_checksum", action="store_true",
+                         help=argparse.SUPPRESS)
     options = parser.add_argument_group("configuration (override the configuration file)")
     for key, option, _default, help_text in SETTINGS_TABLE:
         if option:
@@ -1254,7 +1299,7 @@ def remove_stale(directory, *patterns):
             remove_path(path)
 
 
-def build(settings):
+def build(settings, force=False):
     check_helper_sources(settings)
     helper_dir = settings.helper_dir
     releases = helper_dir / "releases"
@@ -1263,15 +1308,33 @@ def build(settings):
         remove_stale(settings.cache_dir, ".rootfs-*")
         entry = prepared_root_stage(settings)
         with exclusive_lock(helper_dir / "lock", "HELPER_DIR"):
-            remove_stale(releases, ".build-*", ".import.*")
+            remove_stale(releases, ".build-*", ".import.*", ".fetch.*")
+            current = up_to_date_release(settings, entry)
+            if current and not force:
+                step(f"helper release {current.name} is up to date (built from the same "
+                     "inputs); -f builds a new one")
+                return current
             release = assemble_release(settings, entry, releases)
             switch_current(helper_dir, release)
     step(f"helper release {release.name} is current in {helper_dir}")
     return release
 
 
+def up_to_date_release(settings, entry):
+    """The current release when it was built from exactly these inputs and is intact."""
+    try:
+        release = current_release(settings.helper_dir)
+        manifest = read_manifest(release)
+        if manifest.get("inputs_hash") != inputs_hash(settings, entry.name):
+            return None
+        verify_release(release, manifest)
+    except HelperError:
+        return None
+    return release
+
+
 # ---------------------------------------------------------------------------
-# Export / import
+# Export / import / fetch, and the health of a node's helper
 # ---------------------------------------------------------------------------
 
 
@@ -1334,30 +1397,151 @@ def export_release(settings, target):
                 info.uname = info.gname = "root"
                 with open(release / name, "rb") as stream:
                     archive.addfile(info, stream)
+        checksum = sha256_file(tmp)
         os.replace(tmp, target)
+        write_file_atomic(checksum_path(target), f"{checksum}  {target.name}\n".encode())
     except OSError as err:
         raise HelperError(f"cannot write {target}: {err.strerror or err}") from None
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
-    step(f"exported {release.name} to {target}")
+    step(f"exported {release.name} to {target} (sha256 in {checksum_path(target).name})")
 
 
-def import_release(settings, source):
+def checksum_path(archive):
+    return Path(archive).with_name(Path(archive).name + ".sha256")
+
+
+def parse_checksum(text, where):
+    """The sha256 of a `sha256sum` line ("<hex>  <name>")."""
+    words = text.split()
+    if not words or not re.fullmatch(r"[0-9a-fA-F]{64}", words[0]):
+        raise HelperError(f"{where} holds no sha256")
+    return words[0].lower()
+
+
+def import_release(settings, source, force=False, expected_sha256=None):
+    """Install an archive written by --export; its FILE.sha256, when present
+    (or the expected_sha256 given), must match."""
     source = Path(source)
     if not source.is_file():
         raise HelperError(f"{source} does not exist")
+    if expected_sha256 is None and checksum_path(source).is_file():
+        expected_sha256 = parse_checksum(checksum_path(source).read_text(), checksum_path(source))
+    if expected_sha256 is not None:
+        step(f"import: verifying the sha256 of {source.name}")
+        if sha256_file(source) != expected_sha256:
+            raise HelperError(f"{source} does not match its sha256 (a truncated or altered copy)")
     releases = settings.helper_dir / "releases"
     releases.mkdir(parents=True, exist_ok=True)
     with exclusive_lock(settings.helper_dir / "lock", "HELPER_DIR"):
         remove_stale(releases, ".build-*", ".import.*")
-        final = install_archive(source, releases)
+        final = install_archive(source, releases, force)
         switch_current(settings.helper_dir, final)
     step(f"imported helper release {final.name}; it is current in {settings.helper_dir}")
     return final
 
 
-def install_archive(source, releases):
+def fetch_release(settings, url, force=False):
+    """Download an export from URL (http, https, file) with URL.sha256 beside
+    it, check the download against that sha256, then import it."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme.lower() not in FETCH_SCHEMES:
+        raise HelperError(f"helper URL {url!r} must be http://, https:// or file://")
+    if parts.username is not None or parts.password is not None:
+        raise HelperError("a helper URL must not carry credentials (they would show in "
+                          "process lists and logs)")
+    expected = parse_checksum(read_url(url + ".sha256", 4096).decode("ascii", "replace"),
+                              f"{url}.sha256")
+    name = Path(urllib.parse.unquote(parts.path)).name or "helper.tar"
+    with temporary_directory(settings.helper_dir / "releases", ".fetch.") as work:
+        archive = work / name
+        digest = hashlib.sha256()
+        started, size = time.monotonic(), 0
+        step(f"fetch: downloading {url}")
+        with open_url(url) as response, open(archive, "xb") as output:
+            while chunk := read_chunk(response, url):
+                digest.update(chunk)
+                output.write(chunk)
+                size += len(chunk)
+        seconds = max(time.monotonic() - started, 1e-3)
+        step(f"fetch: {size / 1048576:.1f} MiB in {seconds:.1f} s")
+        if digest.hexdigest() != expected:
+            raise HelperError(f"{url} does not match {url}.sha256 (a truncated or altered download)")
+        return import_release(settings, archive, force, expected_sha256=expected)
+
+
+def open_url(url):
+    try:
+        return urllib.request.urlopen(url, timeout=FETCH_TIMEOUT)
+    except urllib.error.HTTPError as err:
+        raise HelperError(f"cannot fetch {url}: HTTP {err.code} {err.reason}") from None
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        reason = getattr(err, "reason", None) or err
+        raise HelperError(f"cannot fetch {url}: {reason}") from None
+
+
+def read_chunk(response, url, size=1 << 20):
+    try:
+        return response.read(size)
+    except (OSError, http.client.HTTPException) as err:
+        raise HelperError(f"download of {url} broke off: {err or type(err).__name__}") from None
+
+
+def read_url(url, limit):
+    with open_url(url) as response:
+        data = read_chunk(response, url, limit + 1)
+    if len(data) > limit:
+        raise HelperError(f"{url} is larger than {limit} bytes")
+    return data
+
+
+def node_helper_problem(settings):
+    """(release, manifest) of a complete, current helper built for this
+    snf-image; else HelperError naming the node and what is wrong."""
+    where = f"node {os.uname().nodename}: the helper in {settings.helper_dir}"
+    remedy = "run snf-image-update-helper -y (or -u URL)"
+    if not (settings.helper_dir / "current").is_symlink():
+        raise HelperError(f"{where} is missing: {remedy}")
+    try:
+        release = current_release(settings.helper_dir)
+        manifest = read_manifest(release)
+        verify_release(release, manifest)
+    except HelperError as err:
+        raise HelperError(f"{where} is broken ({err}): {remedy}") from None
+    built_for = manifest.get("snf_image_version")
+    if built_for != SNF_IMAGE_VERSION:
+        raise HelperError(f"{where} was built for snf-image {built_for}, this node runs "
+                          f"{SNF_IMAGE_VERSION}: {remedy}")
+    return release, manifest
+
+
+def confirm_replacing(settings, what, yes):
+    """On a terminal, ask before `what` replaces an existing helper, as the
+    original did; scripts (no terminal) and -y go on without asking."""
+    current = settings.helper_dir / "current"
+    if yes or not current.is_symlink() or not sys.stdin.isatty():
+        return
+    try:
+        manifest = read_manifest(current.resolve())
+        described = (f"release {manifest.get('build_id')} (snf-image "
+                     f"{manifest.get('snf_image_version')}, built {manifest.get('build_time')})")
+    except HelperError:
+        described = f"the helper in {current.resolve()}"
+    print(f"{what} replaces the current helper in {settings.helper_dir}: {described}.\n"
+          "The previous release is kept for deployments still running from it.")
+    while True:
+        try:
+            answer = input("Do you want to continue [y/N]? ").strip()
+        except EOFError:
+            answer = "n"
+        if answer in ("y", "Y"):
+            return
+        if answer in ("", "n", "N"):
+            raise HelperError("Abort.")
+
+
+def install_archive(source, releases, force=False):
     """Extract and verify an exported release into releases/<build id>."""
     with StagingDirectory(releases, ".import.") as staging:
         work = staging.path
@@ -1366,6 +1550,10 @@ def install_archive(source, releases):
                 top = None
                 for member in archive:
                     parts = member.name.split("/")
+                    if parts[-1] in ("version", "packages") and len(parts) <= 2:
+                        raise HelperError(f"{source} is a helper of the original snf-image, "
+                                          "which this snf-image cannot boot: build one with "
+                                          "snf-image-update-helper and move it with --export")
                     if len(parts) != 2 or not member.isfile() or parts[1] not in \
                             ("manifest.json",) + RELEASE_FILES + OPTIONAL_RELEASE_FILES:
                         raise HelperError(f"unexpected member {member.name!r} in {source}")
@@ -1387,8 +1575,11 @@ def install_archive(source, releases):
         step("import: verifying sha256 of every file against the manifest")
         verify_release(work, manifest)
         if manifest.get("snf_image_version") != SNF_IMAGE_VERSION:
-            warn(f"release {top} was built for snf-image {manifest.get('snf_image_version')}, "
-                 f"this is {SNF_IMAGE_VERSION}")
+            message = (f"release {top} was built for snf-image "
+                       f"{manifest.get('snf_image_version')}, this node runs {SNF_IMAGE_VERSION}")
+            if not force:
+                raise HelperError(f"{message}: -f installs it anyway")
+            warn(message)
         extra = {p.name for p in work.iterdir()} - {"manifest.json"} - set(manifest["files"])
         if extra:
             raise HelperError(f"{source} has files not in its manifest: {', '.join(sorted(extra))}")
@@ -1459,8 +1650,9 @@ def boot_once(settings, release, accel, timeout, kernel=None, boot_check=None, a
 
 
 def check(settings):
-    release = current_release(settings.helper_dir)
-    manifest = read_manifest(release)
+    release, manifest = node_helper_problem(settings)
+    print(f"node {os.uname().nodename}: helper release {release.name} is complete and built "
+          f"for this snf-image ({SNF_IMAGE_VERSION})", flush=True)
     step(f"check: booting release {release.name} ({manifest.get('kernel_format')}, "
          f"{'snf_image_check_helper' if manifest.get('check_flag') else 'fallback boot-check init'})")
     candidates = []
@@ -1490,19 +1682,42 @@ def terminate(signum, _frame):
     raise HelperError(f"terminated by signal {signum}")
 
 
+def configured_helper_url(environ=os.environ):
+    """HELPER_URL of /etc/default/snf-image-update-helper (upstream's file), or None."""
+    path = environ.get("SNF_IMAGE_UPDATE_HELPER_CONFIG", UPDATE_HELPER_CONFIG_FILE)
+    values = read_config_file(path)
+    for key in sorted(set(values) - {"HELPER_URL"}):
+        warn(f"{path}: only HELPER_URL is read here; {key} belongs in {DEFAULT_CONFIG_FILE}")
+    return values.get("HELPER_URL") or None
+
+
 def main(argv=None):
     args = build_arg_parser().parse_args(argv)
+    if args.skip_checksum:
+        print("Error: -c is not supported: a fetched helper is always checked against its "
+              "sha256 (use -u URL with URL.sha256 served beside it)", file=sys.stderr)
+        return 2
     previous_handler = signal.signal(signal.SIGTERM, terminate)
     try:
         settings = load_settings(args)
-        if args.import_file and args.export:
-            raise HelperError("--import and --export exclude each other")
+        chosen = [name for name, given in (("--import", args.import_file), ("--export", args.export),
+                                           ("-u", args.url), ("--build", args.build)) if given]
+        if len(chosen) > 1:
+            raise HelperError(f"{' and '.join(chosen)} exclude each other")
+        url = args.url
+        if not chosen and not args.check:
+            url = configured_helper_url()
         if args.import_file:
-            import_release(settings, args.import_file)
+            confirm_replacing(settings, f"importing {args.import_file}", args.yes)
+            import_release(settings, args.import_file, args.force)
         elif args.export:
             export_release(settings, args.export)
+        elif url:
+            confirm_replacing(settings, f"fetching {url}", args.yes)
+            fetch_release(settings, url, args.force)
         elif args.build or not args.check:
-            build(settings)
+            confirm_replacing(settings, "building a new helper", args.yes)
+            build(settings, args.force)
         if args.check:
             check(settings)
     except HelperError as err:

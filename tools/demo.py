@@ -77,7 +77,7 @@ def ensure_helper(helper_dir, tasks_dir=REPO / "tasks.d", quiet=False):
         if not quiet:
             print(f"helper VM up to date in {helper_dir}")
         return helper_dir
-    argv = [sys.executable, str(REPO / "snf-image-update-helper.py"), "--build",
+    argv = [sys.executable, str(REPO / "snf-image-update-helper.py"), "--build", "-y",
             "--helper-dir", str(helper_dir), "--cache-dir", str(CACHE_DIR / "helper-root-cache"),
             "--tasks", str(tasks_dir), "--helper-program", str(REPO / "snf-image-helper.py")]
     result = subprocess.run(argv, env=dict(os.environ, SNF_IMAGE_CONFIG="/dev/null"),
