@@ -41,7 +41,7 @@ import subprocess
 import threading
 import time
 import urllib.parse
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from pathlib import Path
 
 # ---------------------------------------------------------------------------
@@ -1887,15 +1887,85 @@ def make_floppy(workdir, config, rules, params):
         shutil.rmtree(content, ignore_errors=True)
 
 
+HELPER_RELEASE_FILES = ("kernel", "initrd", "image")
+
+
 def resolve_helper(helper_dir):
-    """The release directory holding kernel, initrd and image (resolved once)."""
+    """The release directory holding kernel, initrd and image (resolved once).
+    A missing, broken or outdated release is refused here, before any disk is
+    written, with one line naming the node and its problem."""
     current = os.path.join(helper_dir, "current")
     release = os.path.realpath(current) if os.path.lexists(current) else helper_dir
-    missing = [f for f in ("kernel", "initrd", "image") if not os.path.isfile(os.path.join(release, f))]
-    if missing:
-        raise SnfError(f"no usable helper VM in HELPER_DIR {helper_dir} (missing {', '.join(missing)}): "
-                       "run snf-image-update-helper")
+    problem = helper_release_problem(release)
+    if problem:
+        raise SnfError(f"node {os.uname().nodename}: the helper VM in HELPER_DIR {helper_dir} "
+                       f"{problem}: run snf-image-update-helper -y (or -u URL to fetch the "
+                       "site's build)")
     return release
+
+
+def _version_key(text):
+    return tuple(int(number) for number in re.findall(r"[0-9]+", str(text)))
+
+
+def helper_release_problem(release):
+    """None for a complete release built for this snf-image, else what is wrong."""
+    missing = [name for name in HELPER_RELEASE_FILES if not os.path.isfile(os.path.join(release, name))]
+    if missing:
+        return f"is missing ({', '.join(missing)} not found)"
+    try:
+        with open(os.path.join(release, "manifest.json"), "rb") as stream:
+            manifest = json.load(stream)
+        files, built_for = manifest["files"], manifest["snf_image_version"]
+        if not isinstance(files, dict) or not set(HELPER_RELEASE_FILES) <= set(files):
+            raise ValueError("incomplete file list")
+    except FileNotFoundError:
+        return "is broken (no manifest.json)"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "is broken (unreadable manifest.json)"
+    if _version_key(built_for) < _version_key(VERSION):
+        return f"is older than this node's snf-image (built for {built_for}, the node runs {VERSION})"
+    return _helper_checksum_problem(release, files)
+
+
+def _helper_checksum_problem(release, files):
+    """Compare every file with its sha256 in the manifest. A successful check
+    is remembered in RUN_DIR by the files' identity (inode, size, mtime,
+    ctime: any write changes ctime), so that each create does not re-read
+    hundreds of MiB; a changed or replaced file is read again."""
+    import hashlib
+    signature = {}
+    for name in sorted(files):
+        if "/" in name or name.startswith("."):
+            return f"is broken (manifest.json lists {name!r})"
+        try:
+            info = os.stat(os.path.join(release, name))
+        except OSError:
+            return f"is broken ({name} listed in manifest.json is missing)"
+        signature[name] = [info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns]
+    stamp = RUN_DIR / ("helper-verified-" + hashlib.sha256(release.encode()).hexdigest()[:16])
+    try:
+        if json.loads(stamp.read_text()) == {"release": release, "files": signature}:
+            return None
+    except (OSError, ValueError):
+        pass
+    for name, expected in sorted(files.items()):
+        try:
+            with open(os.path.join(release, name), "rb") as stream:
+                actual = hashlib.file_digest(stream, "sha256").hexdigest()
+        except OSError as exc:
+            return f"is broken (cannot read {name}: {exc.strerror})"
+        if actual != expected:
+            return f"is broken ({name} does not match its sha256 in manifest.json)"
+    partial = stamp.with_name(f".{stamp.name}.{os.getpid()}")
+    try:
+        RUN_DIR.mkdir(mode=0o700, exist_ok=True)
+        write_private(partial, json.dumps({"release": release, "files": signature}).encode())
+        os.replace(partial, stamp)
+    except OSError:
+        with suppress(OSError):     # not root (unit tests): verified again next time
+            os.unlink(partial)
+    return None
 
 
 def qemu_drive_value(text):
@@ -2399,6 +2469,7 @@ def operation_verify(environ, args):
         for problem in problems[:-1]:
             print(problem, file=sys.stderr, flush=True)
         raise SnfError(problems[-1], 2)
+    resolve_helper(config.HELPER_DIR)   # Ganeti runs verify on every node before an add
 
 
 # ---------------------------------------------------------------------------

@@ -5,11 +5,9 @@ manifest, export/import and the atomic switch of `current`."""
 
 import bz2
 import gzip
-import hashlib
 import importlib.machinery
 import importlib.util
 import io
-import json
 import lzma
 import os
 import re
