@@ -41,6 +41,7 @@ CONFIG_FILE = Path("/etc/default/snf-image")
 # What `make install` may create beyond OS_DIR; whatever of it did not exist
 # before the suite is removed again at the end.
 INSTALL_LEFTOVERS = [
+    Path("/etc/default/snf-image-update-helper"),
     Path("/etc/ganeti/snf-image/variants/default.conf"),
     Path("/etc/ganeti/snf-image/variants"),
     Path("/etc/ganeti/snf-image"),

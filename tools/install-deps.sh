@@ -7,6 +7,7 @@ PACKAGES=(qemu-system-x86 qemu-utils multistrap mmdebstrap debootstrap e2fsprogs
   fdisk gdisk parted dosfstools syslinux-common extlinux busybox-static socat
   cpio xz-utils bzip2 gzip debian-archive-keyring ganeti fping iputils-arping
   iproute2 openssh-server procps xfsprogs btrfs-progs kmod util-linux file zstd)
+PACKAGES+=(lintian)  # tests/test_package.py checks the Debian package
 missing=()
 for p in "${PACKAGES[@]}"; do
   status=$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null || true)
