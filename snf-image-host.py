@@ -2514,6 +2514,9 @@ def deploy_parser():
     run = parser.add_argument_group("run")
     run.add_argument("--no-helper", action="store_true",
                      help="stop after the copy (the image is not customized)")
+    run.add_argument("--plain", action="store_true",
+                     help="print the plain log also on a terminal (without a terminal, "
+                          "e.g. into a pipe or file, the log is always plain)")
     return parser
 
 
@@ -2531,9 +2534,121 @@ def _read_secret(path, stdin_state):
     return data[:-1] if data.endswith("\n") and data.count("\n") == 1 else data
 
 
+class TerminalView:
+    """What `deploy` shows on a terminal in place of the plain log: a bar for
+    the copy, each task of the helper VM as it runs, the other messages
+    without timestamps, and the final line. It is a filter over the very log
+    lines a pipe receives (the [MONITOR] JSON messages among them), so both
+    show the same events; it replaces sys.stderr while `deploy` runs."""
+
+    LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ([A-Z]+): (.*)")
+    # shown as the bar and the task lines once monitor messages arrive
+    SUMMARIZED = ("copy: ", "helper: task ", "HELPER: ")
+
+    def __init__(self, stream):
+        import shutil
+        self.stream, self.width = stream, max(40, min(shutil.get_terminal_size().columns, 100))
+        self.lock = threading.Lock()
+        self.partial, self.transient, self.monitored = "", None, False
+        self.task = self.copy_started = None
+
+    def __enter__(self):
+        self.saved, sys.stderr = sys.stderr, self
+        return self
+
+    def __exit__(self, *exc_info):
+        sys.stderr = self.saved
+        with self.lock:
+            if self.partial:
+                self._line(self.partial)
+            if self.transient:
+                self.stream.write("\n")
+            self.stream.flush()
+
+    def write(self, text):
+        with self.lock:
+            *lines, self.partial = (self.partial + text).split("\n")
+            for line in lines:
+                self._line(line)
+        return len(text)
+
+    def flush(self):
+        self.stream.flush()
+
+    def isatty(self):
+        return True
+
+    def fileno(self):
+        return self.stream.fileno()
+
+    def _line(self, line):
+        match = self.LOG_LINE.fullmatch(line)
+        if not match:           # the final ERROR line, usage, a traceback
+            self._show(line)
+            return
+        level, message = match.groups()
+        if message.startswith("[MONITOR] "):
+            with suppress(ValueError, AttributeError):
+                self._monitor(json.loads(message[len("[MONITOR] "):]))
+            return
+        if level == "DEBUG" or (self.monitored and message.startswith(self.SUMMARIZED)):
+            return
+        self._show(message if level == "INFO" else f"{level.lower()}: {message}")
+
+    def _monitor(self, message):
+        self.monitored = True
+        kind, subtype = message.get("type"), message.get("subtype")
+        if kind == "image-copy-progress":
+            self._copy_bar(int(message.get("position", 0)), int(message.get("total", 0)))
+        elif kind == "image-helper" and subtype == "task-start":
+            self.task = (message.get("task", "?"), time.monotonic())
+            self._show(f"  task {self.task[0]} ...", transient="task")
+        elif kind == "image-helper" and subtype == "task-end" and self.task:
+            name, started = self.task
+            self._show(f"  task {name} done ({time.monotonic() - started:.1f} s)")
+            self.task = None
+        elif kind == "image-helper" and subtype in ("warning", "error"):
+            lines = message.get("messages") or str(message.get("stderr", "")).splitlines()
+            for text in lines:
+                self._show(f"  {subtype}: {text}")
+
+    def _copy_bar(self, position, total):
+        now = time.monotonic()
+        if self.copy_started is None:
+            self.copy_started = (now, position)
+        elapsed = max(now - self.copy_started[0], 1e-3)
+        rate = (position - self.copy_started[1]) / elapsed / MIB
+        if total:
+            done = min(position / total, 1.0)
+            text = f" {done * 100:5.1f}%  {human_size(position)} of {human_size(total)}  {rate:.0f} MiB/s"
+            cells = max(self.width - len(text) - 7, 10)
+            filled = int(done * cells)
+            self._show(f"copy [{'#' * filled}{'-' * (cells - filled)}]{text}", transient="bar")
+        else:
+            self._show(f"copy {human_size(position)}  {rate:.0f} MiB/s", transient="bar")
+
+    def _show(self, text, transient=None):
+        """A line that stays, or a transient one: "bar" (rewritten by the next
+        bar, kept as it last was under anything else) or "task" (a running
+        task, rewritten by whatever comes next)."""
+        if self.transient == "task" or (self.transient == "bar" and transient == "bar"):
+            prefix = "\r\x1b[K"
+        else:
+            prefix = "\n" if self.transient else ""
+        self.stream.write(prefix + text + ("" if transient else "\n"))
+        self.stream.flush()
+        self.transient = transient
+
+
 def operation_deploy(args):
     parser = deploy_parser()
     options = parser.parse_args(args)
+    view = TerminalView(sys.stderr) if sys.stderr.isatty() and not options.plain else nullcontext()
+    with view:
+        _deploy(options)
+
+
+def _deploy(options):
     environ = {key: value for key, value in os.environ.items()
                if key.startswith("OSP_") or key in ("SNF_IMAGE_CONFIG", "PATH")}
     environ.update({"OS_API_VERSION": OS_API_VERSION, "OS_VARIANT": options.variant,
