@@ -1451,8 +1451,12 @@ def fetch_release(settings, url, force=False):
     if parts.username is not None or parts.password is not None:
         raise HelperError("a helper URL must not carry credentials (they would show in "
                           "process lists and logs)")
-    expected = parse_checksum(read_url(url + ".sha256", 4096).decode("ascii", "replace"),
-                              f"{url}.sha256")
+    try:
+        checksum_line = read_url(url + ".sha256", 4096)
+    except HelperError as err:
+        raise HelperError(f"{err} (-u and HELPER_URL take a helper written by "
+                          "snf-image-update-helper --export, served with its .sha256 beside it)") from None
+    expected = parse_checksum(checksum_line.decode("ascii", "replace"), f"{url}.sha256")
     name = Path(urllib.parse.unquote(parts.path)).name or "helper.tar"
     with temporary_directory(settings.helper_dir / "releases", ".fetch.") as work:
         archive = work / name
