@@ -2583,17 +2583,15 @@ class TerminalView:
 
     def _line(self, line):
         match = self.LOG_LINE.fullmatch(line)
-        if not match:           # the final ERROR line, usage, a traceback
-            self._show(line)
-            return
-        level, message = match.groups()
+        # without a timestamp: the helper's console, the final ERROR line, usage
+        level, message = match.groups() if match else (None, line)
         if message.startswith("[MONITOR] "):
             with suppress(ValueError, AttributeError):
                 self._monitor(json.loads(message[len("[MONITOR] "):]))
             return
         if level == "DEBUG" or (self.monitored and message.startswith(self.SUMMARIZED)):
             return
-        self._show(message if level == "INFO" else f"{level.lower()}: {message}")
+        self._show(message if level in (None, "INFO") else f"{level.lower()}: {message}")
 
     def _monitor(self, message):
         self.monitored = True

@@ -1308,7 +1308,7 @@ def build(settings, force=False):
         remove_stale(settings.cache_dir, ".rootfs-*")
         entry = prepared_root_stage(settings)
         with exclusive_lock(helper_dir / "lock", "HELPER_DIR"):
-            remove_stale(releases, ".build-*", ".import.*", ".fetch.*")
+            remove_stale(releases, ".build-*", ".import.*")
             current = up_to_date_release(settings, entry)
             if current and not force:
                 step(f"helper release {current.name} is up to date (built from the same "
