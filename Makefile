@@ -17,8 +17,8 @@ HELPER_DIR  ?= /var/lib/snf-image/helper
 # (a package compiles it in its postinst instead, for the python3 installed then)
 PYCOMPILE   ?= yes
 
-# The version has one owner: the VERSION constant of snf-image-host.py.
-VERSION     := $(shell sed -n 's/^VERSION = "\([^"]*\)".*/\1/p' snf-image-host.py)
+# The version has one owner: SNF_IMAGE_VERSION in snf-image-host.py.
+VERSION     := $(shell sed -n 's/^SNF_IMAGE_VERSION = "\([^"]*\)".*/\1/p' snf-image-host.py)
 DEBDIR      ?= build
 # Sites building their own package put their contact address here.
 DEB_MAINTAINER ?= snf-image developers <snf-image@example.org>
@@ -26,7 +26,7 @@ DEB_MAINTAINER ?= snf-image developers <snf-image@example.org>
 OS_SCRIPTS  = create import export rename verify
 OS_DATA     = ganeti_api_version variants.list parameters.list
 
-.PHONY: all install uninstall deb test test-ganeti demo deps helper bench-copy bench-helper bench-create check-syntax
+.PHONY: all install uninstall deb test test-ganeti demo deps helper bench bench-copy bench-helper bench-create check-syntax
 
 all: check-syntax
 
@@ -88,6 +88,10 @@ demo: deps
 
 helper: deps
 	$(PYTHON) snf-image-update-helper.py
+
+# every benchmark, one after the other, in one invocation
+bench: deps
+	set -e; for script in tools/bench-*.py; do echo "== $$script"; $(PYTHON) $$script; done
 
 bench-copy: deps
 	$(PYTHON) tools/bench-copy.py

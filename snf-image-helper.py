@@ -52,13 +52,15 @@ DEBUG_PORT = "/dev/ttyS3"
 
 ACTIVATION_FLAG = "snf_image_activate_helper"
 CHECK_FLAG = "snf_image_check_helper"
+CHECK_MODULES_PARAMETER = "snf_image_check_modules"
 DEBUG_FLAG = "snf_image_debug_helper"
 
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
-# Modules the helper needs before it can read the floppy and the disks; the
-# initrd already loaded virtio_blk for the root.  ext4 also mounts ext2.
-BOOT_MODULES = ("virtio_pci", "virtio_blk", "floppy", "ext4")
+# Modules the helper needs before it can read the rules disk and the disks;
+# the initrd already loaded virtio_blk for the root.  ext4 also mounts ext2.
+# (A floppy given as rules_dev=/dev/fd0 also needs `floppy`.)
+BOOT_MODULES = ("virtio_pci", "virtio_blk", "ext4")
 # Loaded on demand before mounting a partition of that file system.
 FS_MODULES = {
     "xfs": ("xfs",), "btrfs": ("btrfs",), "vfat": ("vfat", "nls_cp437", "nls_ascii", "nls_utf8"),
@@ -76,6 +78,15 @@ TASK_ATTRIBUTES = ("excludable", "fs_resize_excludable", "mounted_excludable",
                    "cloudinit_excludable", "overwritable")
 TASK_NAME_RE = re.compile(r"^[A-Za-z0-9_-]+$")        # what run-parts accepts
 TASK_ATTRIBUTE_RE = re.compile(rb"^#\s*snf-image-task:(.*)$", re.MULTILINE)
+# `#!/usr/bin/python3`, `#!/usr/bin/env python3.11`: a task the runner runs in
+# a fork of itself instead of a new interpreter (no options on the line).
+PYTHON_SHEBANG_RE = re.compile(rb"#![ \t]*(?:\S*/)?(?:env[ \t]+(?:\S*/)?)?python3(?:\.[0-9]+)?[ \t]*\r?\n")
+# What the tasks import, imported once by the runner so that every forked
+# task finds them loaded: under TCG each import costs tens of milliseconds.
+PRELOADED_MODULES = ("base64", "binascii", "collections", "contextlib", "errno", "fnmatch",
+                     "hashlib", "ipaddress", "json", "random", "re", "secrets", "shutil",
+                     "stat", "subprocess", "tempfile", "time", "traceback", "uuid",
+                     "snf_image_helper", "snf_image_tasklib")
 OVERWRITE_DIR = "root/snf-image/helper"
 OVERWRITE_RERUN = 101            # overwrite script asks for the original task
 
@@ -84,6 +95,7 @@ MBR_FAMILY_BY_TYPE = {0xA5: "freebsd", 0xA6: "openbsd", 0xA9: "netbsd"}
 MBR_CHECK_BY_TYPE = {0x07: "windows", 0x83: "linux"}
 GPT_FREEBSD_UFS = "516E7CB6-6ECF-11D6-8FF8-00022D09712B"
 GPT_MS_BASIC_DATA = "EBD0A0A2-B9E5-4433-87C0-68B6B72699C7"
+GPT_MS_RESERVED = "E3C9E316-0B5C-4DB8-817D-F92DF00215AE"
 ROOT_FS_RE = {
     "windows": re.compile(r"ntfs|ntfs-3g|vfat|msdos|fat|fuse|fuseblk"),
     "linux": re.compile(r"ext[234]|xfs|jfs|zfs|btrfs|reiserfs|reiser4"),
@@ -395,7 +407,7 @@ def parse_rules(text):
     """rules.json (DESIGN.md §5) → (env dict, list of disk serials)."""
     try:
         rules = json.loads(text)
-    except ValueError as error:
+    except (ValueError, RecursionError) as error:
         raise HelperError(f"rules.json on the floppy is not valid JSON: {error}") from None
     if not isinstance(rules, dict):
         raise HelperError("rules.json on the floppy is not a JSON object")
@@ -435,7 +447,7 @@ def decode_properties(text, what, warn=warn):
     (upstream parsed with strict=False)."""
     try:
         properties = json.loads(text, strict=False)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise HelperError(f"Unable to decode {what}. Please check if the variable "
                           "is in valid json format.") from None
     if not isinstance(properties, dict):
@@ -489,9 +501,10 @@ class Properties:
 def partition_to_resize(table):
     """The number of the partition to grow, or None when there is none.
 
-    The partition that ENDS LAST on the disk, the rule of
-    tasks.d/10FixPartitionTable, which grows it (SNF_IMAGE_RESIZE_PART tells
-    tasks 20/40/81 whose file system to resize, so both must agree).  On MBR:
+    The one owner of the rule: tasks.d/10FixPartitionTable calls this to
+    pick the partition it grows, and SNF_IMAGE_RESIZE_PART (set from it)
+    tells tasks 20/40/81 whose file system to resize.  The partition that
+    ENDS LAST on the disk.  On MBR:
     the primary (extended included) that ends last; if that is the extended
     partition, its logical partition that ends last (or the empty extended
     partition itself).  Empty slots are ignored.  Upstream
@@ -541,6 +554,8 @@ def detection_candidates(table):
     if table["label"] == "gpt":
         candidates = []
         for partition in table["partitions"]:
+            if partition["type"] == GPT_MS_RESERVED:      # never holds a file system
+                continue
             if partition["type"] == GPT_FREEBSD_UFS:
                 family = "freebsd"
             elif partition["type"] == GPT_MS_BASIC_DATA:
@@ -568,14 +583,21 @@ def find_case_insensitive(root, relative):
 
 
 def windows_nt_major(root):
-    """Major NT version from the software hive (hivexget), or None."""
+    """Major NT version from the software hive (hivexget), or None.  Windows 10
+    and later keep CurrentVersion at 6.3 and add CurrentMajorVersionNumber."""
     hive = find_case_insensitive(root, "windows/system32/config/software")
     if hive is None:
         return None
-    result = run(["hivexget", hive, "Microsoft\\Windows NT\\CurrentVersion", "CurrentVersion"],
+    result = run(["hivexget", hive, "Microsoft\\Windows NT\\CurrentVersion"],
                  capture=True, check=False)
-    match = re.match(r"\s*(\d+)\.", result.stdout or "")
-    return int(match.group(1)) if result.returncode == 0 and match else None
+    if result.returncode != 0:
+        return None
+    match = re.search(r'^"CurrentMajorVersionNumber"=dword:([0-9a-fA-F]+)\s*$', result.stdout,
+                      re.MULTILINE)
+    if match and int(match.group(1), 16):
+        return int(match.group(1), 16)
+    match = re.search(r'^"CurrentVersion"="\s*(\d+)\.', result.stdout, re.MULTILINE)
+    return int(match.group(1)) if match else None
 
 
 def load_modules(*names):
@@ -587,6 +609,17 @@ def load_modules(*names):
             print(f"Warning: modprobe {' '.join(names)} failed", file=sys.stderr, flush=True)
 
 
+def check_modules(listed):
+    """Check mode: modprobe the comma-separated modules, strictly (the
+    builder's tests prove that the pruned module tree of the root works)."""
+    modules = [name for name in listed.split(",") if name]
+    if modules:
+        result = run(["modprobe", "-a", *modules], capture=True, check=False)
+        lines = (result.stderr or "").strip().splitlines() or ["failed"]
+        if result.returncode != 0:
+            raise HelperError(f"modprobe {' '.join(modules)}: {lines[-1]}")
+
+
 def _ufs_mount_options():
     return [["-t", "ufs", "-o", "ufstype=ufs2,ro"], ["-t", "ufs", "-o", "ufstype=44bsd,ro"]]
 
@@ -595,9 +628,13 @@ def classify_root(root, family):
     """Is the mounted file system `root` the root of an OS of `family`?
     Returns the family (windows becomes windows-legacy before NT 6) or None."""
     if family == "windows":
-        if not find_case_insensitive(root, "windows/system32"):
+        system_hive = find_case_insensitive(root, "windows/system32/config/system")
+        if system_hive is None or not os.path.isfile(system_hive):
             return None
         major = windows_nt_major(root)
+        if major is None:
+            warn("Unable to read the Windows version from the SOFTWARE registry hive; "
+                 "assuming Windows Vista or later")
         return "windows-legacy" if major is not None and major < 6 else "windows"
     return family if os.path.isfile(os.path.join(root, "etc/fstab")) else None
 
@@ -702,11 +739,12 @@ class TaskFailed(HelperError):
 class Task:
     """One executable of the tasks directory and its `# snf-image-task:` attributes."""
 
-    def __init__(self, path, attributes):
+    def __init__(self, path, attributes, python=False):
         self.path = path
         self.file_name = os.path.basename(path)
         self.name = self.file_name[2:]        # the two-digit priority is not part of the name
         self.attributes = frozenset(attributes)
+        self.python = python                  # run in a fork of the runner, not exec'd
 
     def __repr__(self):
         return f"Task({self.file_name!r}, {sorted(self.attributes)})"
@@ -724,6 +762,12 @@ def read_task_attributes(path, limit=65536):
     return {word for word in words if word in TASK_ATTRIBUTES}, unknown
 
 
+def is_python_script(path):
+    """True if the file's first line is a plain python3 shebang."""
+    with open(path, "rb") as handle:
+        return bool(PYTHON_SHEBANG_RE.match(handle.readline(256)))
+
+
 def discover_tasks(tasks_dir, console=None):
     """Executable regular files with run-parts-valid names, in C-locale name order."""
     if not os.path.isdir(tasks_dir):
@@ -739,7 +783,7 @@ def discover_tasks(tasks_dir, console=None):
         attributes, unknown = read_task_attributes(path)
         if unknown and console:
             console.line(f"task {file_name}: unknown attributes ignored: {' '.join(unknown)}")
-        tasks.append(Task(path, attributes))
+        tasks.append(Task(path, attributes, python=is_python_script(path)))
     return tasks
 
 
@@ -795,6 +839,108 @@ class ProcessOutcome:
         self.error_line = error_line
 
 
+def _close_inherited_fds():
+    """Close every descriptor above 2, as exec with close_fds would."""
+    for name in os.listdir("/proc/self/fd"):
+        if int(name) > 2:
+            try:
+                os.close(int(name))
+            except OSError:              # the descriptor of the listing itself
+                pass
+
+
+def _run_python_task(argv, env, stdout_fd, stderr_fd):
+    """In the forked child: become what `python3 TASK ARGS` would be (stdin
+    /dev/null, stdout and stderr the runner's pipes, cwd /, the task's
+    environment, argv, its directory first on sys.path) and run the task as
+    __main__.  Returns the exit status the interpreter would have had."""
+    import atexit
+    import runpy
+    import traceback
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.dup2(stdout_fd, 1)
+    os.dup2(stderr_fd, 2)
+    _close_inherited_fds()
+    os.chdir("/")
+    os.environ.clear()
+    os.environ.update(env)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    sys.stdin = open(0, "r", encoding="utf-8", errors="surrogateescape", closefd=False)
+    sys.stdout = open(1, "w", encoding="utf-8", errors="surrogateescape", closefd=False)
+    sys.stderr = open(2, "w", encoding="utf-8", errors="backslashreplace", closefd=False,
+                      buffering=1)
+    global _monitor_fd
+    _monitor_fd = None                   # the library of a task opens SNF_IMAGE_MONITOR itself
+    library = sys.modules.get("snf_image_helper")
+    if library is not None:
+        library._monitor_fd = None
+    sys.argv = list(argv)
+    sys.path.insert(0, os.path.dirname(os.path.realpath(argv[0])))
+    atexit._clear()                      # the runner's exit handlers are not the task's
+    try:
+        runpy.run_path(argv[0], run_name="__main__")
+        code = 0
+    except SystemExit as exit_request:
+        code = exit_request.code
+        if code is None:
+            code = 0
+        elif not isinstance(code, int):
+            print(code, file=sys.stderr)
+            code = 1
+    except BaseException:                # as the interpreter does: traceback, status 1
+        traceback.print_exc()
+        code = 1
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    return code
+
+
+class ForkedTask:
+    """A Python task run in a fork of the runner, with the part of
+    subprocess.Popen's interface the relay uses (stdout, stderr, poll, wait)."""
+
+    def __init__(self, argv, env):
+        out_read, out_write = os.pipe()
+        err_read, err_write = os.pipe()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        try:
+            self.pid = os.fork()
+        except OSError:
+            for fd in (out_read, out_write, err_read, err_write):
+                os.close(fd)
+            raise
+        if self.pid == 0:
+            code = 1
+            try:
+                code = _run_python_task(argv, env, out_write, err_write)
+            finally:
+                os._exit(code & 0xFF if isinstance(code, int) else 1)
+        os.close(out_write)
+        os.close(err_write)
+        self.stdout = open(out_read, "rb", buffering=0)
+        self.stderr = open(err_read, "rb", buffering=0)
+        self.returncode = None
+
+    def _reaped(self, options):
+        pid, status = os.waitpid(self.pid, options)
+        if pid:
+            self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def poll(self):
+        return self.returncode if self.returncode is not None else self._reaped(os.WNOHANG)
+
+    def wait(self):
+        return self.returncode if self.returncode is not None else self._reaped(0)
+
+
 class TaskRunner:
     """Runs the tasks against the prepared environment (DESIGN.md §7)."""
 
@@ -809,8 +955,27 @@ class TaskRunner:
         self.console = console
 
     def run_all(self):
-        for task in discover_tasks(self.tasks_dir, self.console):
+        tasks = discover_tasks(self.tasks_dir, self.console)
+        if any(task.python for task in tasks):
+            self.preload()
+        for task in tasks:
             self.run_task(task)
+
+    def preload(self):
+        """Import what the tasks import, once, so that each forked task finds it loaded."""
+        import importlib
+        saved_path = list(sys.path)
+        sys.path[:0] = [self.env.get("SNF_IMAGE_HELPER_LIB", LIB_DIR), self.tasks_dir]
+        try:
+            for name in PRELOADED_MODULES:
+                try:
+                    importlib.import_module(name)
+                except ModuleNotFoundError:
+                    pass
+                except Exception as error:     # the task will meet (and report) it itself
+                    self.console.line(f"preloading {name} failed: {type(error).__name__}: {error}")
+        finally:
+            sys.path[:] = saved_path
 
     def task_env(self, task):
         env = dict(self.env)
@@ -829,12 +994,12 @@ class TaskRunner:
             env = self.task_env(task)
             overwrite = self.overwrite_script(task, env)
             if overwrite is None:
-                self.execute(task, [task.path], env)
+                self.execute(task, [task.path], env, in_process=task.python)
             else:
                 outcome = self.execute(task, [overwrite, "pre-exec"], env, check=False)
                 if outcome.returncode == OVERWRITE_RERUN:
                     warn(f"Overwrite script of task {task.name} asked for the original task to run")
-                    self.execute(task, [task.path], env)
+                    self.execute(task, [task.path], env, in_process=task.python)
                     self.execute(task, [overwrite, "post-exec"], env)
                 elif outcome.returncode != 0:
                     self.fail(task, outcome)
@@ -864,22 +1029,26 @@ class TaskRunner:
         env["OVERWRITTEN_TASK"] = found[0]
         return found[0]
 
-    def execute(self, task, argv, env, check=True):
+    def execute(self, task, argv, env, check=True, in_process=False):
         """Run one program of a task; relay its output; fail the task on error."""
         try:
-            outcome = self.relay(argv, env, task.file_name)
+            outcome = self.relay(argv, env, task.file_name, in_process)
         except OSError as error:
             outcome = ProcessOutcome(126, [], f"Cannot execute {argv[0]}: {error.strerror}")
         if check and outcome.returncode != 0:
             self.fail(task, outcome)
         return outcome
 
-    def relay(self, argv, env, source):
-        """Run `argv`, copying its stdout and stderr to the console with
+    def relay(self, argv, env, source, in_process=False):
+        """Run `argv` (a Python task in a fork of this process, anything else
+        as a program), copying its stdout and stderr to the console with
         timestamps; keep the stderr tail and the last `ERROR: ` line."""
         import selectors
-        process = subprocess.Popen(argv, env=env, cwd="/", stdin=subprocess.DEVNULL,
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        if in_process:
+            process = ForkedTask(argv, env)
+        else:
+            process = subprocess.Popen(argv, env=env, cwd="/", stdin=subprocess.DEVNULL,
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         tail, error_line = [], None
         pending = {process.stdout: b"", process.stderr: b""}
         with selectors.DefaultSelector() as selector:
@@ -1046,6 +1215,7 @@ class Deployment:
         if CHECK_FLAG in flags:        # the builder's --check: prove we boot, touch nothing
             self.console.line("check mode: the helper booted; no disk is touched")
             self.result_fd = open_port(self.result_port)
+            check_modules(parameters.get(CHECK_MODULES_PARAMETER, ""))
             return
         if ACTIVATION_FLAG not in flags:
             raise HelperError(f"Kernel command line activation flag {ACTIVATION_FLAG} is missing: "
@@ -1056,10 +1226,12 @@ class Deployment:
         if hypervisor != "kvm":
             raise HelperError(f"Unknown or unsupported hypervisor `{hypervisor}' "
                               "(this helper supports hypervisor=kvm)")
-        rules_dev = parameters.get("rules_dev")
-        if not rules_dev:
-            raise HelperError("rules_dev= is missing from the kernel command line")
-        load_modules(*BOOT_MODULES)
+        rules_serial, rules_dev = parameters.get("rules_serial"), parameters.get("rules_dev")
+        if not rules_serial and not rules_dev:
+            raise HelperError("rules_serial= is missing from the kernel command line")
+        load_modules(*BOOT_MODULES, *(("floppy",) if not rules_serial and rules_dev.startswith("/dev/fd") else ()))
+        if rules_serial:     # the rules disk: a small virtio disk found by its serial
+            rules_dev = resolve_disks([rules_serial])[0]
         floppy_dir = self.read_floppy(rules_dev)
         env = self.build_environment(floppy_dir, hypervisor, rules_dev)
         properties = Properties(env)

@@ -41,6 +41,7 @@ import subprocess
 import threading
 import time
 import urllib.parse
+from collections import namedtuple
 from contextlib import contextmanager, nullcontext, suppress
 from pathlib import Path
 
@@ -48,7 +49,7 @@ from pathlib import Path
 # Constants
 # ---------------------------------------------------------------------------
 
-VERSION = "0.24.0"
+SNF_IMAGE_VERSION = "0.24.0"      # the release; the builder writes it into every helper manifest
 OS_DIR = Path(__file__).resolve().parent
 DEFAULT_CONFIG_FILE = "/etc/default/snf-image"
 RUN_DIR = Path("/run/snf-image")
@@ -57,10 +58,17 @@ MIB = 1024 * 1024
 MBR_HEADER_SIZE = MIB            # filesystem dumps start at sector 2048
 FILE_DIRECT_ALIGNMENT = 4096     # safe O_DIRECT alignment for regular files
 BLKSSZGET = 0x1268
+BLKDISCARD = 0x1277              # linux/fs.h _IO(0x12, 119)
+BLKZEROOUT = 0x127F              # linux/fs.h _IO(0x12, 127)
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+ZERO_CHUNK = 64 * 1024           # granularity of the all-zero test in a copy buffer
 BLKGETSIZE64 = 0x80081272
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 FLOPPY_SIZE = 1440 * 1024
 KVM_PROBE_TIMEOUT = 3.0
+URL_MIN_BYTES = 64 * 1024       # an image download brings this much per URL_TIMEOUT, or fails
+URL_RESUME_ATTEMPTS = 3          # times a cut download resumes with Range/If-Range
 MBR_BIN_CANDIDATES = ("/usr/lib/syslinux/mbr/mbr.bin", "/usr/lib/SYSLINUX/mbr.bin",
                       "/usr/share/syslinux/mbr.bin", "/usr/lib/syslinux/mbr.bin")
 
@@ -116,29 +124,44 @@ WINDOWS_TIMEZONES = {
     "300": "Tonga Standard Time",
 }
 
+# The default answer files, written from Microsoft's unattend schema: the
+# specialize pass names the machine "*" (a random name until the helper writes
+# the instance's), sets the time zone and marks the local account step of OOBE
+# as done (the helper sets the passwords); the oobeSystem pass answers every
+# OOBE question.  Each component is present for amd64 and x86 images; the
+# helper adds ComputerName, ProductKey, passwords and its commands.
 UNATTEND_TEMPLATE = """<?xml version="1.0" encoding="utf-8"?>
-<!-- Default answer file written by snf-image (time zone from WINDOWS_TIMEZONE). -->
-<unattend xmlns="urn:schemas-microsoft-com:unattend">
+<!-- Default answer file of snf-image (time zone from WINDOWS_TIMEZONE). -->
+<unattend xmlns="urn:schemas-microsoft-com:unattend" xmlns:wcm="http://schemas.microsoft.com/WMIConfig/2002/State">
 {components}
 </unattend>
 """
 UNATTEND_COMPONENTS = """  <settings pass="specialize">
-    <component name="Microsoft-Windows-Shell-Setup" processorArchitecture="{arch}" publicKeyToken="31bf3856ad364e35" language="neutral" versionScope="nonSxS" xmlns:wcm="http://schemas.microsoft.com/WMIConfig/2002/State">
+    <component name="Microsoft-Windows-Shell-Setup" processorArchitecture="{arch}" publicKeyToken="31bf3856ad364e35" language="neutral" versionScope="nonSxS">
       <ComputerName>*</ComputerName>
       <TimeZone>{timezone}</TimeZone>
       <DisableAutoDaylightTimeSet>false</DisableAutoDaylightTimeSet>
       <RegisteredOrganization>snf-image</RegisteredOrganization>
       <RegisteredOwner>snf-image</RegisteredOwner>
     </component>
+    <component name="Microsoft-Windows-Deployment" processorArchitecture="{arch}" publicKeyToken="31bf3856ad364e35" language="neutral" versionScope="nonSxS">
+      <RunSynchronous>
+        <RunSynchronousCommand wcm:action="add">
+          <Description>No local account to create in OOBE</Description>
+          <Order>1</Order>
+          <Path>reg.exe add "HKLM\\SOFTWARE\\Microsoft\\Windows\\CurrentVersion\\Setup\\OOBE" /v UnattendCreatedUser /t REG_DWORD /d 1 /f</Path>
+        </RunSynchronousCommand>
+      </RunSynchronous>
+    </component>
   </settings>
   <settings pass="oobeSystem">
-    <component name="Microsoft-Windows-International-Core" processorArchitecture="{arch}" publicKeyToken="31bf3856ad364e35" language="neutral" versionScope="nonSxS" xmlns:wcm="http://schemas.microsoft.com/WMIConfig/2002/State">
+    <component name="Microsoft-Windows-International-Core" processorArchitecture="{arch}" publicKeyToken="31bf3856ad364e35" language="neutral" versionScope="nonSxS">
       <InputLocale>en-US</InputLocale>
       <SystemLocale>en-US</SystemLocale>
       <UILanguage>en-US</UILanguage>
       <UserLocale>en-US</UserLocale>
     </component>
-    <component name="Microsoft-Windows-Shell-Setup" processorArchitecture="{arch}" publicKeyToken="31bf3856ad364e35" language="neutral" versionScope="nonSxS" xmlns:wcm="http://schemas.microsoft.com/WMIConfig/2002/State">
+    <component name="Microsoft-Windows-Shell-Setup" processorArchitecture="{arch}" publicKeyToken="31bf3856ad364e35" language="neutral" versionScope="nonSxS">
       <OOBE>
         <HideEULAPage>true</HideEULAPage>
         <NetworkLocation>Other</NetworkLocation>
@@ -194,10 +217,19 @@ def _timestamp():
     return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
 
 
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f\x80-\x9f]")
+
+
+def printable(text):
+    """One line whatever the text holds: control characters (a newline in an
+    instance name or image id would forge a log line) are shown escaped."""
+    return CONTROL_CHARACTERS.sub(lambda m: ascii(m.group())[1:-1], str(text))
+
+
 def log(message, level="INFO"):
     """Everything goes to stderr: for export, stdout carries the disk data."""
     try:
-        print(f"{_timestamp()} {level}: {message}", file=sys.stderr, flush=True)
+        print(f"{_timestamp()} {level}: {printable(message)}", file=sys.stderr, flush=True)
     except (BrokenPipeError, ValueError):
         pass
 
@@ -220,22 +252,238 @@ def redact_url(url):
     return urllib.parse.urlunsplit((parts.scheme, "***@" + netloc, parts.path, parts.query, ""))
 
 
-def open_url(url, timeout=60):
-    """urlopen() that also understands http://user:password@host/ (Basic auth)."""
-    import urllib.request   # noqa: F401 (lazy: http.client and email cost start-up time)
-    parts = urllib.parse.urlsplit(url)
-    if parts.username is None or parts.scheme.lower() not in ("http", "https"):
-        return urllib.request.urlopen(url, timeout=timeout)
-    netloc = parts.hostname + (f":{parts.port}" if parts.port else "")
-    if ":" in parts.hostname:
-        netloc = f"[{parts.hostname}]" + (f":{parts.port}" if parts.port else "")
-    plain = urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, parts.query, ""))
-    user = urllib.parse.unquote(parts.username)
-    password = urllib.parse.unquote(parts.password or "")
-    import base64
-    token = base64.b64encode(f"{user}:{password}".encode()).decode()
-    request = urllib.request.Request(plain, headers={"Authorization": "Basic " + token})
-    return urllib.request.urlopen(request, timeout=timeout)
+class _Deadline:
+    """Shuts the watched sockets down when the time is up: a server that sends
+    one byte a second never trips a socket timeout, but it trips this.
+    `window` seconds for the whole fetch, or, with `min_bytes`, for each
+    `min_bytes` received (a large image may take long, but not at a trickle)."""
+
+    def __init__(self, window, min_bytes=None):
+        self.window, self.min_bytes = window, min_bytes
+        self.expires = time.monotonic() + window
+        self.counted = 0
+        self.expired = False
+        self.sockets = []
+        self.lock = threading.Lock()
+        self.stopped = threading.Event()
+        threading.Thread(target=self._watch, name="url-deadline", daemon=True).start()
+
+    def _watch(self):
+        while not self.stopped.wait(max(0.05, self.expires - time.monotonic())):
+            if time.monotonic() >= self.expires:
+                with self.lock:
+                    self.expired = True
+                    for sock in self.sockets:
+                        self._shut(sock)
+                return
+
+    def received(self, count):
+        if self.min_bytes is None:
+            return
+        self.counted += count
+        if self.counted >= self.min_bytes:
+            self.counted = 0
+            self.expires = time.monotonic() + self.window
+
+    def watch(self, sock):
+        with self.lock:
+            self.sockets.append(sock)
+            if self.expired:
+                self._shut(sock)
+
+    @staticmethod
+    def _shut(sock):
+        import socket
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def describe(self):
+        if self.min_bytes is None:
+            return f"not finished within URL_TIMEOUT ({self.window:g} s)"
+        return f"less than {self.min_bytes // 1024} KiB received in URL_TIMEOUT ({self.window:g} s)"
+
+    def cancel(self):
+        self.stopped.set()
+
+
+def _url_handlers(deadline, origin_host, authorization):
+    """urllib handlers whose connections obey the deadline and whose redirects
+    carry the credentials only back to the host they were given for."""
+    import urllib.request
+
+    def watched(connection_class):
+        class Connection(connection_class):
+            def connect(self):
+                super().connect()
+                deadline.watch(self.sock)
+        return Connection
+
+    class HTTPHandler(urllib.request.HTTPHandler):
+        def do_open(self, http_class, request, **kwargs):
+            return super().do_open(watched(http_class), request, **kwargs)
+
+    class HTTPSHandler(urllib.request.HTTPSHandler):
+        def do_open(self, http_class, request, **kwargs):
+            return super().do_open(watched(http_class), request, **kwargs)
+
+    class RedirectHandler(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, request, fp, code, message, headers, new_url):
+            new = super().redirect_request(request, fp, code, message, headers, new_url)
+            if new is not None and authorization:
+                new.remove_header("Authorization")
+                parts = urllib.parse.urlsplit(new.full_url)
+                if (parts.scheme.lower(), parts.hostname, parts.port) == origin_host:
+                    new.add_unredirected_header("Authorization", authorization)
+            return new
+
+    return [HTTPHandler(), HTTPSHandler(), RedirectHandler()]
+
+
+class UrlFetch:
+    """The one owner of reading a URL (config_url, network images, answer files).
+
+    Basic credentials in the URL are sent only to the URL's own host (never
+    after a redirect elsewhere), each read waits at most `timeout` seconds and
+    the whole fetch at most `deadline` seconds, a cut download resumes with
+    Range/If-Range up to URL_RESUME_ATTEMPTS times (read again from the start
+    and skipped when the server ignores ranges, refused when the object
+    changed meanwhile), and every failure is one SnfError naming `what`.
+    Use as a context manager; `size` is the announced length or None.
+    """
+
+    def __init__(self, url, what, *, timeout, stream=False, resume=URL_RESUME_ATTEMPTS):
+        self.url, self.what, self.timeout = url, what, timeout
+        self.shown = redact_url(url)
+        self.deadline = _Deadline(timeout, URL_MIN_BYTES if stream else None)
+        self.resumes_left = resume
+        self.position = 0
+        self.response = None
+        self.size = None
+        self.validator = None
+        try:
+            parts = urllib.parse.urlsplit(url)
+            port = parts.port
+        except ValueError as exc:
+            raise self.error(f"invalid URL ({exc})") from None
+        if parts.scheme.lower() not in ("http", "https", "ftp", "ftps") or not parts.hostname:
+            raise self.error("only http://, https://, ftp:// and ftps:// URLs with a host name can be fetched")
+        self.request_url, self.authorization = url, None
+        if parts.username is not None and parts.scheme.lower() in ("http", "https"):
+            host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+            netloc = host + (f":{port}" if port else "")
+            self.request_url = urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, parts.query, ""))
+            import base64
+            token = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
+            self.authorization = "Basic " + base64.b64encode(token.encode()).decode()
+        self.origin = (parts.scheme.lower(), parts.hostname, port)
+        self._open()
+        length = self.response.headers.get("Content-Length")
+        self.size = int(length) if length and length.strip().isdigit() else None
+        self.validator = self.response.headers.get("ETag") or self.response.headers.get("Last-Modified")
+
+    def error(self, reason):
+        return SnfError(f"cannot fetch {self.what} {self.shown}: {reason}")
+
+    def _open(self, offset=0):
+        import urllib.error
+        import urllib.request
+        opener = urllib.request.build_opener(*_url_handlers(self.deadline, self.origin, self.authorization))
+        request = urllib.request.Request(self.request_url)
+        if self.authorization:
+            request.add_unredirected_header("Authorization", self.authorization)
+        if offset:
+            request.add_header("Range", f"bytes={offset}-")
+            request.add_header("If-Range", self.validator)
+        try:
+            self.response = opener.open(request, timeout=self.timeout)
+        except urllib.error.HTTPError as exc:
+            exc.close()
+            raise self.error(f"HTTP {exc.code} {exc.reason}") from None
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            raise self.error(self._reason(exc)) from None
+        except Exception as exc:        # http.client.HTTPException: a broken reply
+            raise self.error(self._reason(exc)) from None
+
+    def _reason(self, exc):
+        if self.deadline.expired:
+            return self.deadline.describe()
+        reason = getattr(exc, "reason", None) or exc
+        text = " ".join(str(reason).split()) or type(exc).__name__
+        return text if not isinstance(reason, OSError) or not reason.strerror else reason.strerror
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+    def close(self):
+        self.deadline.cancel()
+        if self.response is not None:
+            self.response.close()
+
+    def read(self, limit):
+        """The whole body of a small document, refused when longer than `limit`."""
+        chunks, total = [], 0
+        buffer = bytearray(65536)
+        while True:
+            count = self.readinto(memoryview(buffer))
+            if not count:
+                return b"".join(chunks)
+            total += count
+            if total > limit:
+                raise self.error(f"longer than {limit} bytes")
+            chunks.append(bytes(buffer[:count]))
+
+    def readinto(self, buffer):
+        while True:
+            try:
+                count = self.response.readinto(buffer)
+            except Exception as exc:      # OSError, IncompleteRead, a shut socket
+                if self.deadline.expired:
+                    raise self.error(self._reason(exc)) from None
+                cut = self._reason(exc)
+            else:
+                if self.deadline.expired:
+                    raise self.error(self._reason(None))
+                if count or self.size is None or self.position == self.size:
+                    self.position += count
+                    self.deadline.received(count)
+                    return count
+                cut = f"connection closed after {self.position} of {self.size} bytes"
+            self._resume(cut)
+
+    def _resume(self, cut):
+        if not self.resumes_left or self.size is None or not self.validator \
+                or not self.url.lower().startswith(("http://", "https://")):
+            raise self.error(f"download cut ({cut})")
+        self.resumes_left -= 1
+        warn(f"{self.what} {self.shown}: download cut at byte {self.position} ({cut}); resuming")
+        self.response.close()
+        self._open(self.position)
+        status = getattr(self.response, "status", 200)
+        headers = self.response.headers
+        now = headers.get("ETag") or headers.get("Last-Modified")
+        if now != self.validator and (status != 206 or now is not None):
+            raise self.error("the object changed on the server during the download")
+        if status == 206:
+            start = re.match(r"bytes (\d+)-", headers.get("Content-Range", ""))
+            if not start or int(start.group(1)) != self.position:
+                raise self.error("the server resumed at the wrong position")
+            return
+        skip = self.position          # ranges ignored: read again from the start, drop what we have
+        warn(f"{self.what} {self.shown}: the server ignores ranges; reading again from the start")
+        scratch = memoryview(bytearray(65536))
+        while skip:
+            try:
+                count = self.response.readinto(scratch[:min(skip, len(scratch))])
+            except Exception as exc:
+                raise self.error(f"download cut again ({self._reason(exc)})") from None
+            if not count:
+                raise self.error("download cut again while reading up to the resume point")
+            skip -= count
 
 
 def human_size(count):
@@ -261,6 +509,13 @@ def parse_byte_size(text):
     if not match:
         raise ValueError("expected a size such as 4M, 1024K or 1048576")
     return int(match.group(1)) * {"": 1, "K": 1024, "M": MIB, "G": 1024 * MIB}[match.group(2).upper()]
+
+
+def _check_timeout(text):
+    seconds = parse_duration(text)
+    if seconds <= 0:
+        raise ValueError("a timeout must be longer than 0 seconds")
+    return seconds
 
 
 def _check_yes_no(text):
@@ -314,26 +569,60 @@ def _check_user(text):
     return text
 
 
+def _check_debian_suite(text):
+    if not re.fullmatch(r"[a-z][a-z0-9.-]*", text):
+        raise ValueError("expected a Debian suite name such as trixie")
+    return text
+
+
+def _check_mirror_url(text):
+    text = text.rstrip("/")
+    if text and not re.fullmatch(r"(https?|ftp|file):/[^\s\[\]]*", text):
+        raise ValueError("expected an http(s), ftp or file URL (empty: the host's APT sources)")
+    return text
+
+
 def _as_is(text):
     return text
 
 
+# Who reads a setting: the OS definition (this program), the helper builder
+# (snf-image-update-helper, which loads this module for the grammar and the
+# table), or both. Every key is validated by both programs all the same, so
+# one file gets one verdict whichever program reads it first.
+HOST, BUILDER, BOTH = "host", "builder", "both"
+
+
 class Setting:
-    def __init__(self, name, default, convert, help_text):
+    def __init__(self, name, default, convert, help_text, readers=HOST):
         self.name, self.default, self.convert, self.help = name, default, convert, help_text
+        self.readers = readers
+
+    def read_by(self, program):
+        """Whether HOST or BUILDER uses this setting."""
+        return self.readers in (program, BOTH)
+
+    @property
+    def is_program(self):
+        """The value is a command (a program and its arguments, as an argument list)."""
+        return self.convert is _check_command
 
 
 SETTINGS = (
     Setting("IMAGE_DIR", "/var/lib/snf-image", _as_is, "directory of local images (local://NAME)"),
-    Setting("HELPER_DIR", "/var/lib/snf-image/helper", _as_is, "helper VM files written by snf-image-update-helper"),
-    Setting("HELPER_SOFT_TIMEOUT", "120", parse_duration, "helper VM run time before SIGTERM (120, 2m, 1h)"),
-    Setting("HELPER_HARD_TIMEOUT", "5", parse_duration, "extra time after SIGTERM before SIGKILL"),
-    Setting("HELPER_USER", "nobody", _check_user, "user qemu runs as (-runas)"),
-    Setting("HELPER_MEMORY", "256", _check_positive_int, "helper VM memory in MiB"),
+    Setting("HELPER_DIR", "/var/lib/snf-image/helper", _as_is, "helper VM files written by snf-image-update-helper",
+            BOTH),
+    Setting("HELPER_CACHE_DIR", "", _as_is, "cache of the helper's slow root stage; empty: HELPER_DIR/cache",
+            BUILDER),
+    Setting("HELPER_SOFT_TIMEOUT", "120", _check_timeout, "helper VM run time before SIGTERM (120, 2m, 1h)"),
+    Setting("HELPER_HARD_TIMEOUT", "5", _check_timeout, "extra time after SIGTERM before SIGKILL"),
+    Setting("HELPER_USER", "nobody", _check_user, "user qemu runs as (-runas)", BOTH),
+    Setting("HELPER_MEMORY", "256", _check_positive_int, "helper VM memory in MiB", BOTH),
     Setting("HELPER_DEBUG", "no", _check_yes_no, "yes: debug shell on a pty instead of powering off after a failure"),
     Setting("HELPER_ACCEL", "auto", _check_choice(("auto", "kvm", "tcg")), "qemu accelerator: kvm, tcg or auto"),
-    Setting("HELPER_DEBIAN_SUITE", "trixie", _as_is, "Debian suite of the helper (builder)"),
-    Setting("HELPER_DEBIAN_MIRROR", "", _as_is, "Debian mirror for the helper (builder); empty: host's APT sources"),
+    Setting("HELPER_DEBIAN_SUITE", "trixie", _check_debian_suite, "Debian suite of the helper root", BUILDER),
+    Setting("HELPER_DEBIAN_MIRROR", "", _check_mirror_url, "Debian mirror for the helper; empty: host's APT sources",
+            BUILDER),
     Setting("IMAGE_DEBUG", "no", _check_yes_no, "yes: log every external command"),
     Setting("CLOUD_INIT_DEBUG", "no", _check_yes_no, "yes: cloud-init debug logging in the image"),
     Setting("PROGRESS_MONITOR", "", _check_optional_command, "program receiving the JSON progress messages on stdin"),
@@ -349,17 +638,30 @@ SETTINGS = (
     Setting("COPY_BUFFER_SIZE", "4M", _check_buffer_size, "O_DIRECT copy buffer size"),
     Setting("COPY_OVERLAP", "yes", _check_yes_no, "read the next buffer while the previous one is written"),
     Setting("COPY_WRITERS", "1", _check_positive_int, "O_DIRECT writes kept in flight on a disk (1: in order)"),
+    Setting("SPARSE_COPY", "yes", _check_yes_no, "write only the image's data, zero the rest of its range cheaply"),
     Setting("PROGRESS_INTERVAL", "3", parse_duration, "seconds between copy progress messages"),
+    Setting("URL_TIMEOUT", "60", _check_timeout, "seconds a config_url or answer file may take; an image "
+            "download must bring 64 KiB in each such interval"),
     Setting("TEMP_DIR", "/run/snf-image", _as_is, "private directory for the floppy and other temporary files"),
     Setting("MBR_BIN", "", _as_is, "boot code for filesystem dumps; empty: syslinux's mbr.bin"),
     Setting("XEN_SCRIPTS_DIR", "/etc/xen/scripts", _as_is, "unused (accepted for compatibility)"),
     Setting("XEN_CMD", "xl", _as_is, "unused (accepted for compatibility)"),
-    Setting("MULTISTRAP_CONFIG", "", _as_is, "helper builder: upstream's multistrap.conf, used only when set"),
-    Setting("MULTISTRAP_APTPREFDIR", "", _as_is, "helper builder: apt preferences, used only when set"),
-    Setting("QEMU", "qemu-system-x86_64", _check_command, "qemu program"),
+    Setting("MULTISTRAP_CONFIG", "", _as_is, "multistrap configuration instead of the built-in one "
+            "(it must still install python3, busybox-static and linux-image-amd64)", BUILDER),
+    Setting("MULTISTRAP_APTPREFDIR", "", _as_is, "APT preference files (pinning) for multistrap", BUILDER),
+    Setting("IMAGE_KEYRING", "", _as_is, "OpenPGP keyring for gpgv; set: NAME.sig / URL.sig signatures are checked"),
+    Setting("IMAGE_SIGNATURE_REQUIRED", "no", _check_yes_no, "yes: an image without a signature is refused"),
+    Setting("GPGV", "gpgv", _check_command, "gpgv program (image signatures)"),
+    Setting("QEMU", "qemu-system-x86_64", _check_command, "qemu program", BOTH),
     Setting("QEMU_IMG", "qemu-img", _check_command, "qemu-img program (tools)"),
     Setting("MKFS_EXT2", "mkfs.ext2", _check_command, "mkfs.ext2 program (floppy)"),
-    Setting("MULTISTRAP", "multistrap", _check_command, "multistrap program (builder)"),
+    Setting("MULTISTRAP", "multistrap", _check_command, "multistrap program", BUILDER),
+    Setting("MKFS_EXT4", "mkfs.ext4", _check_command, "mkfs.ext4 program (the helper's root image)", BUILDER),
+    Setting("DEPMOD", "depmod", _check_command, "depmod program", BUILDER),
+    Setting("ZSTD", "zstd", _check_command, "zstd program (decompresses zstd kernels and modules)", BUILDER),
+    Setting("CP", "cp", _check_command, "cp program", BUILDER),
+    Setting("CHROOT", "chroot", _check_command, "chroot program (byte-compiles the helper with the root's python3)",
+            BUILDER),
 )
 SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
 DEPRECATED_SETTINGS = {"VERSION_CHECK": "VERSION_CHECK is obsolete and ignored",
@@ -448,11 +750,32 @@ def _closing_quote(body, quote):
     return None
 
 
+def _is_dev_null(info):
+    try:
+        null = os.stat(os.devnull)
+    except OSError:
+        return False
+    return stat.S_ISCHR(info.st_mode) and info.st_rdev == null.st_rdev
+
+
 def read_config_file(path):
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
+    except OSError as exc:
+        raise SnfError(f"cannot read configuration file {path}: {exc.strerror}", 2) from None
+    try:
+        with open(fd, "rb", closefd=True) as handle:
+            info = os.fstat(handle.fileno())
+            if _is_dev_null(info):      # the usual way of saying "no configuration"
+                text = ""
+            elif not stat.S_ISREG(info.st_mode):
+                raise SnfError(f"configuration file {path} is not a regular file", 2)
+            elif info.st_size > 4 * MIB:
+                raise SnfError(f"configuration file {path} is larger than 4 MiB", 2)
+            else:
+                text = handle.read().decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise SnfError(f"cannot read configuration file {path}: {exc}", 2) from None
     try:
@@ -475,8 +798,9 @@ class Config:
             raise AttributeError(name) from None
 
 
-def load_config(environ, variant=None):
-    """Built-in defaults < configuration file < variant file."""
+def load_config(environ, variant=None, overrides=None):
+    """Built-in defaults < configuration file < variant file < overrides (the
+    builder's command-line options)."""
     explicit = environ.get("SNF_IMAGE_CONFIG")
     path = explicit or DEFAULT_CONFIG_FILE
     raw = {}
@@ -487,6 +811,7 @@ def load_config(environ, variant=None):
     if variant:
         variants_dir = raw.get("VARIANTS_DIR") or SETTINGS_BY_NAME["VARIANTS_DIR"].default
         raw.update(read_variant_file(variants_dir, variant))
+    raw.update(overrides or {})
     return finalize_config(raw)
 
 
@@ -516,14 +841,10 @@ def listed_variants():
     return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
 
 
-# Keys of /etc/default/snf-image read only by snf-image-update-helper.
-BUILDER_ONLY_SETTINGS = ("HELPER_CACHE_DIR", "MULTISTRAP_CONFIG", "MULTISTRAP_APTPREFDIR",
-                         "MKFS_EXT4", "DEPMOD", "ZSTD", "CP", "CHROOT")
-
-# Every key a configuration or variant file may set: the settings, the
-# builder's own, the deprecated ones, and the OS parameters they may preset.
-KNOWN_CONFIG_KEYS = frozenset(set(SETTINGS_BY_NAME) | set(BUILDER_ONLY_SETTINGS)
-                              | set(DEPRECATED_SETTINGS) | {name.upper() for name in OS_PARAMETERS})
+# Every key a configuration or variant file may set: the settings (the
+# builder's included), the deprecated ones, and the OS parameters they may preset.
+KNOWN_CONFIG_KEYS = frozenset(set(SETTINGS_BY_NAME) | set(DEPRECATED_SETTINGS)
+                              | {name.upper() for name in OS_PARAMETERS})
 
 
 def closest_key_hint(name):
@@ -547,8 +868,8 @@ def finalize_config(raw):
             warn(f"configuration: {message}")
     for name in sorted(raw.keys() - KNOWN_CONFIG_KEYS):
         warn(f"configuration: unknown key {name}{closest_key_hint(name)}")
-    if values["HELPER_HARD_TIMEOUT"] <= 0:
-        values["HELPER_HARD_TIMEOUT"] = 1.0
+    if values["IMAGE_SIGNATURE_REQUIRED"] and not values["IMAGE_KEYRING"]:
+        raise SnfError("invalid configuration: IMAGE_SIGNATURE_REQUIRED=yes needs IMAGE_KEYRING", 2)
     return Config(values, raw)
 
 
@@ -567,30 +888,33 @@ def collect_parameters(environ, config, fetch_config_url=True):
         if key in environ:
             params[name] = environ[key]
     if fetch_config_url and params.get("config_url"):
-        params.update(fetch_config_url_params(params["config_url"]))
+        params.update(fetch_config_url_params(params["config_url"], config.URL_TIMEOUT))
     return params
 
 
-def fetch_config_url_params(url):
-    import urllib.error   # lazy, like urllib.request in open_url
+def fetch_config_url_params(url, timeout):
     if not re.match(r"https?://", url, re.IGNORECASE):
         raise SnfError("config_url must be an http:// or https:// URL", 2)
+    if url_problem(url):
+        raise SnfError(f"Invalid OS parameter config_url: {url_problem(url)}", 2)
     log(f"Downloading configuration parameters from: {redact_url(url)}")
-    try:
-        with open_url(url) as response:
-            body = response.read(16 * MIB)
-    except urllib.error.HTTPError as exc:
-        raise SnfError(f"cannot fetch config_url {redact_url(url)}: HTTP {exc.code} {exc.reason}") from None
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise SnfError(f"cannot fetch config_url {redact_url(url)}: {reason}") from None
+    with UrlFetch(url, "config_url", timeout=timeout) as fetch:
+        body = fetch.read(16 * MIB)
     return decode_config_document(body)
+
+
+def load_json(text):
+    """json.loads, with too deep a nesting (RecursionError) reported as invalid JSON."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
 
 
 def decode_config_document(body):
     """The config_url JSON: an object; keys case-insensitive; string values only."""
     try:
-        document = json.loads(body)
+        document = load_json(body)
     except (ValueError, UnicodeDecodeError):
         raise SnfError("config_url document is not valid JSON") from None
     if not isinstance(document, dict):
@@ -616,7 +940,7 @@ def _validate_properties(name, text):
     if text == "":
         return None
     try:
-        value = json.loads(text)
+        value = load_json(text)
     except ValueError:
         return f"{name} is not valid JSON"
     if not isinstance(value, dict):
@@ -633,7 +957,7 @@ def _validate_personality(text):
     if text == "":
         return None
     try:
-        value = json.loads(text)
+        value = load_json(text)
     except ValueError:
         return "img_personality is not valid JSON"
     if not isinstance(value, list):
@@ -669,13 +993,37 @@ def _validate_personality(text):
     return None
 
 
+def url_problem(url):
+    """Why `url` cannot be fetched (malformed IPv6 host, port out of range, no host), or None."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port                          # raises on a port outside 0-65535 or not a number
+    except ValueError as exc:
+        return f"malformed URL ({exc})"
+    if not parts.hostname:
+        return "URL without a host name"
+    return None
+
+
+PLAIN_PARAMETERS = ("img_id", "img_format", "config_url", "os_answer_file")
+
+
 def validate_parameters(params, require_image=True):
     """Return a list of one-line problems (empty: valid). Secret values are never quoted."""
     problems = []
+    for name, value in params.items():
+        if re.search("[\ud800-\udfff]", value):        # os.environ's stand-ins for undecodable bytes
+            problems.append(f"Invalid OS parameter {name}: not valid UTF-8")
+        elif name in PLAIN_PARAMETERS and CONTROL_CHARACTERS.search(value):
+            problems.append(f"Invalid OS parameter {name}: contains control characters")
+    if problems:
+        return problems
     has_config_url = bool(params.get("config_url"))
-    if "config_url" in params and params["config_url"] != "" \
-            and not re.fullmatch(r"https?://[^\s/]+.*", params["config_url"], re.IGNORECASE):
-        problems.append("Invalid OS parameter config_url: must be an http:// or https:// URL")
+    if "config_url" in params and params["config_url"] != "":
+        if not re.fullmatch(r"https?://[^\s/]+.*", params["config_url"], re.IGNORECASE):
+            problems.append("Invalid OS parameter config_url: must be an http:// or https:// URL")
+        elif url_problem(params["config_url"]):
+            problems.append(f"Invalid OS parameter config_url: {url_problem(params['config_url'])}")
     if require_image and not has_config_url:
         for name in ("img_id", "img_format"):
             if not params.get(name):
@@ -714,8 +1062,11 @@ def validate_parameters(params, require_image=True):
             problems.append("Invalid OS parameter cloud_userdata: not valid base64")
     if "os_product_key" in params and not PRODUCT_KEY_RE.fullmatch(params["os_product_key"]):
         problems.append("Invalid OS parameter os_product_key: expected XXXXX-XXXXX-XXXXX-XXXXX-XXXXX")
-    if "os_answer_file" in params and not ANSWER_FILE_RE.fullmatch(params["os_answer_file"]):
+    answer_file = params.get("os_answer_file")
+    if answer_file is not None and not ANSWER_FILE_RE.fullmatch(answer_file):
         problems.append("Invalid OS parameter os_answer_file: expected an http(s)://, ftp(s):// or file:// URL")
+    elif answer_file and not answer_file.lower().startswith("file:") and url_problem(answer_file):
+        problems.append(f"Invalid OS parameter os_answer_file: {url_problem(answer_file)}")
     if "\0" in params.get("auth_keys", ""):
         problems.append("Invalid OS parameter auth_keys: contains a NUL character")
     return problems
@@ -727,10 +1078,8 @@ def _validate_image_id(img_id, fmt):
             return "Invalid OS parameter img_id: null (keep the disk as it is) needs img_format diskdump"
         return None
     if re.match(r"(https?|ftps?)://", img_id, re.IGNORECASE):
-        parts = urllib.parse.urlsplit(img_id)
-        if not parts.hostname:
-            return "Invalid OS parameter img_id: URL without a host name"
-        return None
+        problem = url_problem(img_id)
+        return f"Invalid OS parameter img_id: {problem}" if problem else None
     name = local_image_name(img_id)
     if name is None:
         return None     # maybe a site back-end's id (pithos://...)
@@ -797,6 +1146,35 @@ def instance_disks(environ):
     return disks
 
 
+@contextmanager
+def disk_locks(disks, operation):
+    """One deployment, import or export per disk at a time: an exclusive flock
+    on each disk (the device node or file), held until the operation ends and
+    refused at once, naming the disk, when another snf-image holds it. A few
+    retries ride out udev, which locks a device for a moment while probing it."""
+    fds = []
+    try:
+        for index, path in disks:
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+            except OSError as exc:
+                raise SnfError(f"cannot open disk {index} ({path}) for {operation}: {exc.strerror}") from None
+            fds.append(fd)
+            for attempt in range(20):
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    time.sleep(0.1)
+            else:
+                raise SnfError(f"disk {index} ({path}) is in use by another snf-image deployment, import "
+                               f"or export: {operation} refused")
+        yield
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
 # ---------------------------------------------------------------------------
 # Progress monitor (JSON messages as upstream)
 # ---------------------------------------------------------------------------
@@ -809,6 +1187,8 @@ class Monitor:
 
     def __init__(self, command, instance):
         self.process = None
+        self.unsent = b""           # the rest of a line the pipe took only in part
+        self.dropped = 0
         if command:
             try:
                 self.process = subprocess.Popen(command + [instance], stdin=subprocess.PIPE,
@@ -816,6 +1196,14 @@ class Monitor:
             except OSError as exc:
                 warn(f"cannot start the progress monitor {command[0]}: {exc.strerror}; "
                      "messages go to the log")
+                return
+            # a monitor that stops reading must not stall the deployment: its
+            # pipe never blocks, and what it cannot take is dropped
+            os.set_blocking(self.process.stdin.fileno(), False)
+            try:
+                fcntl.fcntl(self.process.stdin.fileno(), F_SETPIPE_SZ, MIB)
+            except OSError:
+                pass
 
     def __enter__(self):
         return self
@@ -828,13 +1216,33 @@ class Monitor:
         line = json.dumps(message, separators=(",", ":")) + "\n"
         if self.process is not None:
             try:
-                self.process.stdin.write(line.encode())
-                self.process.stdin.flush()
+                self._write(line.encode())
                 return
-            except (BrokenPipeError, OSError, ValueError):
+            except (OSError, ValueError):
                 warn("the progress monitor died; further messages go to the log")
                 self._reap()
         log("[MONITOR] " + line.rstrip("\n"))
+
+    def _write(self, data):
+        fd = self.process.stdin.fileno()
+        if self.unsent:
+            self.unsent = self.unsent[self._write_some(fd, self.unsent):]
+        if self.unsent:
+            self._drop()
+            return
+        self.unsent = data[self._write_some(fd, data):]
+
+    @staticmethod
+    def _write_some(fd, data):
+        try:
+            return os.write(fd, data)
+        except BlockingIOError:
+            return 0
+
+    def _drop(self):
+        self.dropped += 1
+        if self.dropped == 1:
+            warn("the progress monitor does not read its input: progress messages are dropped")
 
     def info(self, text):
         log(text)
@@ -862,18 +1270,25 @@ class HelperProtocol:
 
     MAX_LINE = 512
     MAX_STDERR_LINES = 10
+    MAX_LINES = 5000          # far more than any task set sends; a flood is cut off here
 
     def __init__(self, monitor):
         self.monitor = monitor
         self.pending = b""
         self.stderr_left = 0
         self.stderr_lines = []
+        self.lines_seen = 0
 
     def feed(self, data):
-        self.pending += data
-        while b"\n" in self.pending:
-            line, self.pending = self.pending.split(b"\n", 1)
-            self.line(line.decode("utf-8", "replace").rstrip("\r"))
+        lines = (self.pending + data).split(b"\n")
+        self.pending = lines.pop()
+        for line in lines:
+            self.lines_seen += 1
+            if self.lines_seen > self.MAX_LINES:
+                if self.lines_seen == self.MAX_LINES + 1:
+                    warn(f"helper progress port: more than {self.MAX_LINES} lines; the rest is ignored")
+                continue
+            self.line(line[:self.MAX_LINE].decode("utf-8", "replace").rstrip("\r"))
         if len(self.pending) > self.MAX_LINE:
             warn("helper progress port: line longer than 512 characters ignored")
             self.pending = b""
@@ -950,6 +1365,15 @@ def killing_on_exit(process, grace=5.0):
                     pass
 
 
+def die_with_parent():
+    """preexec_fn: SIGKILL when the deployer dies. Only for children that keep
+    our credentials: qemu's -runas (setuid) clears this, so the helper VM relies
+    on the work directory's guard instead."""
+    import ctypes
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 def run_program(argv, *, what, timeout=120, debug=False):
     if debug:
         log("running: " + shlex.join(argv))
@@ -987,6 +1411,14 @@ class CountingReader:
             raise SnfError(f"{self.description}: stream is longer than the announced {self.expected} bytes")
         return n
 
+    def skip_hole(self):
+        length = skip_hole(self.raw)
+        self.count += length
+        return length
+
+    def at_hole(self):
+        return at_hole(self.raw)
+
 
 class HashingReader:
     def __init__(self, raw, algorithm, expected_hex, description):
@@ -1001,8 +1433,19 @@ class HashingReader:
             self.hash.update(buffer[:n])
         elif self.hash.hexdigest() != self.expected:
             raise SnfError(f"{self.description}: {self.algorithm} checksum mismatch "
-                           f"(got {self.hash.hexdigest()[:16]}..., expected {self.expected[:16]}...)")
+                           f"(got {self.hash.hexdigest()[:16]}..., expected {self.expected[:16]}...): "
+                           "the disk now holds this bad image")
         return n
+
+    def skip_hole(self):
+        length = skip_hole(self.raw)
+        zeros = memoryview(bytes(min(length, MIB)))
+        for start in range(0, length, MIB):      # the hole is part of the checksummed image
+            self.hash.update(zeros[:min(MIB, length - start)])
+        return length
+
+    def at_hole(self):
+        return at_hole(self.raw)
 
 
 class PeekReader(io.RawIOBase):
@@ -1031,26 +1474,214 @@ class PeekReader(io.RawIOBase):
             return n
         return self.raw.readinto(buffer) or 0
 
+    def skip_hole(self):
+        return 0 if self.head else skip_hole(self.raw)
 
-COMPRESSION_MAGIC = ((b"\x1f\x8b", "gzip"), (b"\xfd7zXZ\x00", "xz"), (b"BZh", "bzip2"))
+    def at_hole(self):
+        return not self.head and at_hole(self.raw)
 
 
+def _gzip_header(head):
+    """A real gzip member starts with method 8 (deflate) and no reserved flag bits;
+    a raw disk image that merely starts with 1f 8b is copied as it is."""
+    return len(head) == 10 and head[2] == 8 and not head[3] & 0xE0
+
+
+def skip_hole(reader):
+    """Skip the hole (aligned run of zeros known without reading) at the reader's
+    position and return its length; 0 when the reader is at data or knows no holes."""
+    method = getattr(reader, "skip_hole", None)
+    return method() if method else 0
+
+
+def at_hole(reader):
+    method = getattr(reader, "at_hole", None)
+    return bool(method and method())
+
+
+class HoleSkippingFile:
+    """A local image file read front to back that knows its holes (SEEK_DATA/SEEK_HOLE):
+    reads stop where a hole starts, skip_hole() steps over it without reading it."""
+
+    def __init__(self, file, size):
+        self.fd, self.size = file.fileno(), size
+        self.position = 0
+        self.region_end = 0         # end of the data extent or hole that holds position
+        self.in_hole = False
+
+    def _locate(self):
+        """Find the region holding position. Region ends are multiples of
+        FILE_DIRECT_ALIGNMENT (but for the file's end), whatever the file
+        system's block size, so that every skip and every read starts aligned."""
+        if self.position < self.region_end or self.position >= self.size:
+            return
+        align = FILE_DIRECT_ALIGNMENT
+        try:
+            data = os.lseek(self.fd, self.position, os.SEEK_DATA)
+        except OSError as exc:          # ENXIO: a hole up to the end; else: no hole information
+            data = self.size if exc.errno == errno.ENXIO else self.position
+            if exc.errno != errno.ENXIO:
+                self.in_hole, self.region_end = False, self.size
+                return
+        hole_end = min(data, self.size) // align * align
+        if hole_end > self.position:
+            self.in_hole, self.region_end = True, hole_end
+            return
+        try:
+            hole = os.lseek(self.fd, max(data, self.position), os.SEEK_HOLE)
+        except OSError:
+            hole = self.size
+        self.in_hole, self.region_end = False, min(-(-hole // align) * align, self.size)
+
+    def skip_hole(self):
+        if not self.at_hole():
+            return 0
+        length = self.region_end - self.position
+        self.position = self.region_end
+        return length
+
+    def at_hole(self):
+        self._locate()
+        return self.in_hole and self.position < self.size
+
+    def readinto(self, view):
+        self._locate()
+        if self.position >= self.size:
+            return 0
+        count = min(len(view), self.region_end - self.position)
+        n = os.preadv(self.fd, [view[:count]], self.position)
+        self.position += n
+        return n
+
+
+COMPRESSION_MAGIC = ((b"\x1f\x8b", "gzip"), (b"\xfd7zXZ\x00", "xz"), (b"BZh", "bzip2"),
+                     (b"\x28\xb5\x2f\xfd", "zstd"))
+# Each decompressor runs as its own process: decompression then overlaps with the
+# download and with the disk writes, and xz -T0 uses every core on multi-block files.
+DECOMPRESSORS = {"gzip": ("gzip", "-dc"), "xz": ("xz", "-dc", "-T0"), "bzip2": ("bzip2", "-dc"),
+                 "zstd": ("zstd", "-dcq")}
+DECOMPRESSOR_WARNING_EXIT = {"gzip": 2}      # "trailing garbage ignored"
+
+
+@contextmanager
 def decompressing(reader, description):
-    """Return (reader, compression name or None), decompressing by magic bytes."""
+    """Yield (reader, compression name or None), decompressing by magic bytes.
+
+    The reader yielded is a PeekReader: the caller can look at the image's
+    own header (qcow2 and other container formats) whatever the compression.
+    """
     peek = PeekReader(reader)
     head = peek.peek(6)
     for magic, name in COMPRESSION_MAGIC:
-        if head.startswith(magic) and (name != "bzip2" or head[3:4] in b"123456789"):
-            log(f"{description}: {name}-compressed image, decompressing while copying")
-            import bz2
-            import gzip
-            import lzma
-            buffered = io.BufferedReader(peek, buffer_size=MIB)
-            opener = {"gzip": lambda f: gzip.GzipFile(fileobj=f, mode="rb"),
-                      "xz": lambda f: lzma.LZMAFile(f),
-                      "bzip2": lambda f: bz2.BZ2File(f)}[name]
-            return DecompressReader(opener(buffered), name, description), name
-    return peek, None
+        if head.startswith(magic) and (name != "bzip2" or head[3:4] in b"123456789") \
+                and (name != "gzip" or _gzip_header(peek.peek(10))):
+            break
+    else:
+        yield peek, None
+        return
+    import shutil
+    program = shutil.which(DECOMPRESSORS[name][0])
+    if program:
+        log(f"{description}: {name}-compressed image, decompressing with {os.path.basename(program)} "
+            "while copying")
+        with ProgramDecompressor(peek, [program, *DECOMPRESSORS[name][1:]], name, description) as stream:
+            yield PeekReader(stream), name
+        return
+    log(f"{description}: {name}-compressed image, decompressing while copying")
+    yield PeekReader(DecompressReader(_python_decompressor(peek, name), name, description)), name
+
+
+def _python_decompressor(peek, name):
+    """The standard library's decompressor, where the program is not installed."""
+    buffered = io.BufferedReader(peek, buffer_size=MIB)
+    if name == "gzip":
+        import gzip
+        return gzip.GzipFile(fileobj=buffered, mode="rb")
+    if name == "xz":
+        import lzma
+        return lzma.LZMAFile(buffered)
+    if name == "bzip2":
+        import bz2
+        return bz2.BZ2File(buffered)
+    try:
+        from compression import zstd        # Python 3.14
+    except ImportError:
+        raise SnfError("the image is zstd-compressed and the zstd program is not installed") from None
+    return zstd.ZstdFile(buffered)
+
+
+class ProgramDecompressor:
+    """Decompresses in a child process: a feeder thread writes the compressed
+    stream to its stdin while the copier reads its stdout. Errors of the
+    compressed stream (truncated download, checksum) are raised at the end
+    of the output, before the decompressor's own complaint about them."""
+
+    def __init__(self, source, argv, name, description):
+        import tempfile
+        self.source, self.name, self.description = source, name, description
+        self.error, self.ended = None, False
+        self.stderr = tempfile.TemporaryFile()
+        try:
+            self.process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                            stderr=self.stderr, bufsize=0)
+        except OSError as exc:
+            self.stderr.close()
+            raise SnfError(f"cannot run {argv[0]}: {exc.strerror}") from None
+        for pipe in (self.process.stdin, self.process.stdout):
+            try:
+                fcntl.fcntl(pipe.fileno(), F_SETPIPE_SZ, MIB)
+            except OSError:
+                pass
+        self.feeder = threading.Thread(target=self._feed, name=f"{name}-feeder", daemon=True)
+        self.feeder.start()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        with killing_on_exit(self.process, grace=1.0):
+            pass
+        self.process.stdout.close()
+        self.feeder.join(timeout=5)
+        self.stderr.close()
+
+    def _feed(self):
+        view = memoryview(bytearray(MIB))
+        pipe = self.process.stdin
+        try:
+            while True:
+                count = self.source.readinto(view)
+                if not count:
+                    break
+                done = 0
+                while done < count:
+                    done += pipe.write(view[done:count])
+        except (BrokenPipeError, ValueError):
+            pass            # the decompressor stopped reading: its exit status tells why
+        except BaseException as exc:     # raised by the reading thread at the end
+            self.error = exc
+        finally:
+            try:
+                pipe.close()
+            except OSError:
+                pass
+
+    def readinto(self, buffer):
+        if self.ended:
+            return 0
+        count = self.process.stdout.readinto(buffer)
+        if count:
+            return count
+        self.ended = True
+        self.feeder.join()
+        code = self.process.wait()
+        if self.error is not None:
+            raise self.error
+        if code not in (0, DECOMPRESSOR_WARNING_EXIT.get(self.name)):
+            self.stderr.seek(0)
+            lines = self.stderr.read().decode("utf-8", "replace").strip().splitlines() or [""]
+            raise SnfError(f"{self.description}: corrupt {self.name} data: {lines[-1][:200]}")
+        return 0
 
 
 class DecompressReader:
@@ -1068,13 +1699,14 @@ class DecompressReader:
 
 def drain(reader):
     """Read a stream to its end (trailing bytes after a compressed image are ignored)."""
-    scratch = memoryview(bytearray(65536))
-    while reader.readinto(scratch):
+    scratch = memoryview(bytearray(MIB))
+    while skip_hole(reader) or reader.readinto(scratch):
         pass
 
 
-def fill_buffer(reader, view):
-    """Read until the buffer is full or EOF (dd iflag=fullblock)."""
+def fill_buffer(reader, view, stop_at_holes=False):
+    """Read until the buffer is full or EOF (dd iflag=fullblock), or, with
+    stop_at_holes, until a hole the reader can skip starts."""
     filled = 0
     size = len(view)
     while filled < size:
@@ -1085,6 +1717,8 @@ def fill_buffer(reader, view):
         if not n:
             break
         filled += n
+        if stop_at_holes and filled < size and at_hole(reader):
+            break
     return filled
 
 
@@ -1130,6 +1764,16 @@ class NullSource(ImageSource):
         self.reader = io.BytesIO(b"")
 
 
+def available_memory():
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
 class LocalSource(ImageSource):
     name = "local"
 
@@ -1148,13 +1792,36 @@ class LocalSource(ImageSource):
         except OSError:
             pass
         self.size = os.fstat(self.file.fileno()).st_size
-        reader = self.file
+        if self.size == 0:
+            self.file.close()
+            raise SnfError(f"image file {path} is empty", 2)
+        reader = HoleSkippingFile(self.file, self.size)
         checksum = self.find_checksum(path)
-        if checksum:
+        self.checksum = None        # set when the copy itself must verify it
+        if checksum and self.size <= available_memory() // 2:
+            self.verify_first(*checksum)
+        elif checksum:
+            self.checksum = checksum
             algorithm, digest, checksum_path = checksum
-            log(f"verifying the image against {checksum_path} while copying")
+            log(f"verifying the image against {checksum_path} while copying (too large to read twice "
+                "from the page cache)")
             reader = HashingReader(reader, algorithm, digest, f"image {os.path.basename(path)}")
         self.reader = CountingReader(reader, self.size, f"image file {path}")
+
+    def verify_first(self, algorithm, digest, checksum_path):
+        """One extra read, before the disk is touched; the copy then reads from the page cache."""
+        import hashlib
+        log(f"verifying the image against {checksum_path} before writing")
+        try:
+            actual = hashlib.file_digest(self.file, algorithm).hexdigest()
+            self.file.seek(0)
+        except OSError as exc:
+            raise SnfError(f"cannot read image file {self.path}: {exc.strerror}") from None
+        if actual != digest:
+            self.file.close()
+            raise SnfError(f"image {os.path.basename(self.path)}: {algorithm} checksum mismatch against "
+                           f"{checksum_path} (got {actual[:16]}..., expected {digest[:16]}...); "
+                           "nothing was written")
 
     @staticmethod
     def resolve(name, image_dir, image_format):
@@ -1206,38 +1873,20 @@ class LocalSource(ImageSource):
 class NetworkSource(ImageSource):
     name = "network"
 
-    def __init__(self, url):
-        import urllib.error   # lazy, like urllib.request in open_url
+    def __init__(self, url, timeout):
         self.url = url
         shown = redact_url(url)
-        try:
-            self.response = open_url(url)
-        except urllib.error.HTTPError as exc:
-            raise SnfError(f"cannot download image {shown}: HTTP {exc.code} {exc.reason}") from None
-        except (urllib.error.URLError, OSError, ValueError) as exc:
-            reason = getattr(exc, "reason", None) or exc
-            raise SnfError(f"cannot download image {shown}: {reason}") from None
-        length = self.response.headers.get("Content-Length")
-        self.size = int(length) if length and length.strip().isdigit() else None
+        self.fetch = UrlFetch(url, "image", timeout=timeout, stream=True)
+        self.size = self.fetch.size
+        if self.size == 0:
+            self.fetch.close()
+            raise SnfError(f"image {shown} is empty (Content-Length 0)", 2)
         if self.size is None:
             warn(f"{shown}: the server did not announce the image size")
-        self.reader = CountingReader(_SocketErrors(self.response, shown), self.size, f"download of {shown}")
+        self.reader = CountingReader(self.fetch, self.size, f"download of {shown}")
 
     def close(self):
-        self.response.close()
-
-
-class _SocketErrors:
-    def __init__(self, response, shown):
-        self.response, self.shown = response, shown
-
-    def readinto(self, buffer):
-        try:
-            return self.response.readinto(buffer)
-        except (OSError, ValueError) as exc:
-            raise SnfError(f"download of {self.shown} failed: {exc}") from None
-        except Exception as exc:      # http.client.IncompleteRead and friends
-            raise SnfError(f"download of {self.shown} failed: {type(exc).__name__}") from None
+        self.fetch.close()
 
 
 class ExternalSource(ImageSource):
@@ -1357,8 +2006,132 @@ def open_image_source(config, img_id, image_format):
     if backend.name == "null":
         return NullSource()
     if backend.name == "network":
-        return NetworkSource(img_id)
-    return LocalSource(img_id, config.IMAGE_DIR, image_format)
+        source = NetworkSource(img_id, config.URL_TIMEOUT)
+    else:
+        source = LocalSource(img_id, config.IMAGE_DIR, image_format)
+    if config.IMAGE_KEYRING:
+        try:
+            check_signature(config, source)
+        except BaseException:
+            source.close()
+            raise
+    return source
+
+
+def check_signature(config, source):
+    """A detached OpenPGP signature next to the image (NAME.sig, URL.sig), checked
+    with gpgv against IMAGE_KEYRING: a local image before the copy, a download
+    while it is copied (its failure then says what the disk holds)."""
+    if isinstance(source, LocalSource):
+        signature_path = source.path + ".sig"
+        if not os.path.isfile(signature_path):
+            return _missing_signature(config, signature_path)
+        log(f"verifying the image's signature {signature_path} before writing")
+        _run_gpgv(config, [signature_path, source.path], "nothing was written")
+        return None
+    if isinstance(source, NetworkSource):
+        try:
+            with UrlFetch(source.url + ".sig", "image signature", timeout=config.URL_TIMEOUT) as fetch:
+                signature = fetch.read(MIB)
+        except SnfError as exc:
+            if "HTTP 404" not in str(exc):
+                raise
+            return _missing_signature(config, redact_url(source.url) + ".sig")
+        log("verifying the image's signature while copying")
+        checking = SignatureCheckingReader(config, source.reader, signature)
+        close_download = source.close
+
+        def close():
+            checking.close()
+            close_download()
+        source.reader, source.finish, source.close = checking, checking.finish, close
+        return None
+    return _missing_signature(config, f"a signature for source back-end {source.name}")
+
+
+def _missing_signature(config, where):
+    if config.IMAGE_SIGNATURE_REQUIRED:
+        raise SnfError(f"the image has no signature ({where}) and IMAGE_SIGNATURE_REQUIRED is yes; "
+                       "nothing was written", 2)
+    log(f"the image is not signed ({where} absent)")
+
+
+def _run_gpgv(config, arguments, consequence, **kwargs):
+    with private_gnupg_home() as home:
+        argv = config.GPGV + ["--homedir", home, "--keyring", os.path.abspath(config.IMAGE_KEYRING), *arguments]
+        try:
+            result = subprocess.run(argv, capture_output=True, timeout=600, check=False, **kwargs)
+        except FileNotFoundError:
+            raise SnfError(f"program {argv[0]} not found (needed for IMAGE_KEYRING)") from None
+        except subprocess.TimeoutExpired:
+            raise SnfError(f"{argv[0]} did not finish within 600 s") from None
+    if result.returncode != 0:
+        lines = result.stderr.decode("utf-8", "replace").strip().splitlines() or ["no message"]
+        raise SnfError(f"the image's signature does not verify against IMAGE_KEYRING "
+                       f"({lines[-1].removeprefix('gpgv: ')}); {consequence}")
+
+
+@contextmanager
+def private_gnupg_home():
+    import shutil
+    import tempfile
+    home = tempfile.mkdtemp(prefix="snf-image-gnupg-")
+    try:
+        yield home
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+class SignatureCheckingReader:
+    """Passes a download through to the copy and to `gpgv SIG -`; finish() has the verdict."""
+
+    def __init__(self, config, raw, signature):
+        import tempfile
+        self.config, self.raw = config, raw
+        self.signature_file = tempfile.NamedTemporaryFile(prefix="snf-image-sig-")
+        self.signature_file.write(signature)
+        self.signature_file.flush()
+        self.home = tempfile.mkdtemp(prefix="snf-image-gnupg-")
+        argv = config.GPGV + ["--homedir", self.home, "--keyring", os.path.abspath(config.IMAGE_KEYRING),
+                              self.signature_file.name, "-"]
+        try:
+            self.process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                            stderr=subprocess.PIPE)
+        except OSError as exc:
+            raise SnfError(f"cannot run {argv[0]}: {exc.strerror}") from None
+
+    def readinto(self, buffer):
+        count = self.raw.readinto(buffer)
+        if count:
+            try:
+                self.process.stdin.write(buffer[:count])
+            except OSError:
+                pass                        # gpgv gave up: finish() reports it
+        return count
+
+    def close(self):
+        import shutil
+        with killing_on_exit(self.process, grace=1.0):
+            pass
+        self.signature_file.close()
+        shutil.rmtree(self.home, ignore_errors=True)
+
+    def finish(self):
+        stdin, self.process.stdin = self.process.stdin, None
+        try:
+            stdin.close()
+        except OSError:
+            pass
+        try:
+            _, errors = self.process.communicate(timeout=600)
+        except subprocess.TimeoutExpired:
+            errors = b"gpgv did not finish"
+        finally:
+            self.close()
+        if self.process.returncode != 0:
+            lines = errors.decode("utf-8", "replace").strip().splitlines() or ["no message"]
+            raise SnfError(f"the image's signature does not verify against IMAGE_KEYRING "
+                           f"({lines[-1].removeprefix('gpgv: ')}): the disk now holds this unverified image")
 
 
 # ---------------------------------------------------------------------------
@@ -1394,6 +2167,8 @@ class DiskWriter:
             self.size = None if allow_grow else info.st_size
             self.alignment = FILE_DIRECT_ALIGNMENT
         self.position = 0
+        self.zeroing_lock = threading.Lock()
+        self.zeroers = None         # the ways to zero a range on this disk, cheapest first
 
     def __enter__(self):
         return self
@@ -1450,6 +2225,80 @@ class DiskWriter:
             if written <= 0:
                 raise SnfError(f"short write on disk {self.path} at byte {at}")
             done += written
+
+    def zero_range(self, offset, length):
+        """Make [offset, offset + length) read as zeros by the cheapest correct means
+        for this disk (decided at the first range, logged once); aligned ranges only."""
+        if self.size is not None and offset + length > self.size:
+            raise SnfError(f"the image does not fit on disk {self.path}: it is larger than the "
+                           f"disk ({self.size} bytes)")
+        with self.zeroing_lock:
+            if self.zeroers is None:
+                self.zeroers = self._zeroing_means()
+            while True:
+                name, zero, proven = self.zeroers[0]
+                try:
+                    zero(offset, length)
+                except OSError as exc:
+                    if len(self.zeroers) == 1 or exc.errno not in (
+                            errno.EOPNOTSUPP, errno.ENOTTY, errno.EINVAL, errno.ENOSYS, errno.EIO):
+                        raise SnfError(f"cannot zero {length} bytes at byte {offset} of disk "
+                                       f"{self.path}: {exc.strerror}") from None
+                    log(f"disk {self.path}: {name} failed ({exc.strerror}), trying the next means")
+                    self.zeroers.pop(0)
+                    continue
+                if not proven and not self._reads_zeros(offset, length):
+                    warn(f"disk {self.path}: {name} left old data behind: writing zeros instead")
+                    self.zeroers.pop(0)
+                    continue
+                if not getattr(self, "zeroing_logged", False):
+                    self.zeroing_logged = True
+                    log(f"disk {self.path}: the image's zero ranges are skipped and zeroed by {name}")
+                return
+
+    def _zeroing_means(self):
+        """(name, function, proven): proven means reads of the range are guaranteed to
+        return zeros afterwards; a means that is not is checked by reading a sample back."""
+        means = []
+        if self.is_block:
+            means.append(("BLKZEROOUT", self._zero_out, True))
+            if _discard_zeroes_data(self.fd):
+                means.append(("BLKDISCARD", self._discard, False))
+        else:
+            means.append(("fallocate hole punching", self._punch_hole, True))
+        means.append(("writing zeros", self._write_zeros, True))
+        return means
+
+    def _zero_out(self, offset, length):
+        fcntl.ioctl(self.fd, BLKZEROOUT, struct.pack("QQ", offset, length))
+
+    def _discard(self, offset, length):
+        fcntl.ioctl(self.fd, BLKDISCARD, struct.pack("QQ", offset, length))
+
+    def _punch_hole(self, offset, length):
+        fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+
+    def _write_zeros(self, offset, length):
+        with mmap.mmap(-1, min(length, MIB)) as zeros, memoryview(zeros) as view:
+            for start in range(offset, offset + length, len(view)):
+                count = min(len(view), offset + length - start)
+                self._pwrite_all(view, 0, count, start)
+
+    def _reads_zeros(self, offset, length):
+        """Read back the first, middle and last block of the range, bypassing the cache."""
+        block = max(self.alignment, FILE_DIRECT_ALIGNMENT)
+        if length < block:
+            return True
+        fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | (os.O_DIRECT if self.direct else 0))
+        try:
+            with mmap.mmap(-1, block) as buffer, memoryview(buffer) as view:
+                middle = offset + (length // 2) // block * block
+                for at in (offset, middle, offset + length - block):
+                    if os.preadv(fd, [view], at) != block or buffer[:] != bytes(block):
+                        return False
+        finally:
+            os.close(fd)
+        return True
 
     def sync(self):
         try:
@@ -1508,6 +2357,27 @@ def _block_device_size(fd):
         return os.lseek(fd, 0, os.SEEK_END)
 
 
+def _discard_zeroes_data(fd):
+    """The block queue's promise that discarded blocks read as zeros (0 on every Linux
+    since 4.12: discard then never replaces BLKZEROOUT)."""
+    rdev = os.fstat(fd).st_rdev
+    path = f"/sys/dev/block/{os.major(rdev)}:{os.minor(rdev)}/queue/discard_zeroes_data"
+    try:
+        return Path(path).read_text().strip() == "1"
+    except OSError:
+        return False
+
+
+def fallocate(fd, mode, offset, length):
+    """fallocate(2) with a mode (os.posix_fallocate has none: no hole punching)."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+    if libc.fallocate(fd, mode, offset, length) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+
+
 def _logical_block_size(fd):
     try:
         return max(512, struct.unpack("i", fcntl.ioctl(fd, BLKSSZGET, bytes(4)))[0])
@@ -1554,13 +2424,18 @@ def copy_buffer(size):
     return buffer
 
 
-def copy_stream(reader, writer, buffer_size, progress=None, overlap=True, prefix=b"", writers=1):
+def copy_stream(reader, writer, buffer_size, progress=None, overlap=True, prefix=b"", writers=1,
+                sparse=False):
     """Copy reader → writer in full, aligned buffers; returns the byte count.
 
-    With overlap, the next buffer is read while the previous one is written
-    (the syscalls release the GIL). With writers > 1 (disks only), that many
-    threads keep several O_DIRECT pwrite()s in flight at their own offsets,
-    like qemu-img convert -W, so the device queue never runs dry.
+    With overlap, writer threads write the buffers the calling thread reads
+    (the syscalls release the GIL): one keeps the order of a plain stream;
+    with writers > 1 (disks only) that many keep several O_DIRECT pwrite()s in
+    flight at their own offsets, like qemu-img convert -W, so the device queue
+    never runs dry. With sparse (disks only), holes the reader knows are not
+    read and all-zero runs are not written: the disk zeroes those ranges by
+    its cheapest means instead. The unaligned tail is written last, alone
+    (it clears O_DIRECT on the fd).
     """
     total = 0
     if prefix:
@@ -1569,144 +2444,392 @@ def copy_stream(reader, writer, buffer_size, progress=None, overlap=True, prefix
                 view[:len(prefix)] = prefix
                 writer.write(view, len(prefix))
         total += len(prefix)
-    if writers > 1 and hasattr(writer, "write_at"):
-        return total + _parallel_copy(reader, writer, buffer_size, progress, writers, total)
-    # two buffers, not more: one being written while the next is read; a third lets the
-    # reader run further ahead, so the data a write copies is colder in the CPU caches
-    # (2 beat 3 by 1-20 % on a loop device and on a file, interleaved runs against dd)
-    buffers = [copy_buffer(buffer_size) for _ in range(2 if overlap else 1)]
+    positional = hasattr(writer, "write_at")
+    sparse = sparse and positional and hasattr(writer, "zero_range")
+    threads = writers if positional else 1
+    # with one writer two buffers, not more: one being written while the next is read; a
+    # third lets the reader run further ahead, so the data a write copies is colder in the
+    # CPU caches (2 beat 3 by 1-20 % on a loop device and on a file, against dd)
+    count = 1 if not overlap else 2 if threads == 1 else threads + 2
+    views = [memoryview(copy_buffer(buffer_size)) for _ in range(count)]
+    tails = []
     try:
-        blocks = _overlapped_blocks(reader, buffers) if overlap else _serial_blocks(reader, buffers[0])
-        for view, count in blocks:
-            if count:
-                writer.write(view, count)
-                total += count
+        scanner = ZeroScanner() if sparse else None
+        if overlap:
+            end = _threaded_copy(reader, writer, views, threads, scanner, tails, progress, total, sparse)
+        else:
+            sink = _BlockSink(writer, scanner, tails)
+            end = total
+            for offset, view, length in _image_blocks(reader, lambda: views[0], total, sparse):
+                sink.put(offset, view, length)
+                end = offset + length
                 if progress:
-                    progress.update(total)
+                    progress.update(end)
+            sink.flush()
+        for offset, data in tails:
+            writer.seek(offset)         # pwrite() left the file position where it was
+            writer.write(data, len(data))
+        if progress:
+            progress.update(end)
+        return end
     finally:
-        for buffer in buffers:
+        for view in views:
+            buffer = view.obj
+            view.release()
             try:
                 buffer.close()
             except BufferError:
                 pass
-    return total
 
 
-def _parallel_copy(reader, writer, buffer_size, progress, writers, start):
-    """The main thread reads full buffers in order; writer threads pwrite() them.
+def _image_blocks(reader, next_view, offset, holes):
+    """(offset, view, count) in image order; view None: a hole of count bytes, not read."""
+    while True:
+        hole = skip_hole(reader) if holes else 0
+        if hole:
+            yield offset, None, hole
+            offset += hole
+            continue
+        view = next_view()
+        if view is None:
+            return
+        count = fill_buffer(reader, view, stop_at_holes=holes)
+        yield offset, view, count
+        offset += count
+        if count < len(view) and not (holes and at_hole(reader)):
+            return
 
-    The final short block is written last, alone (it clears O_DIRECT on the fd).
-    """
-    views = [memoryview(copy_buffer(buffer_size)) for _ in range(writers + 2)]
+
+def _threaded_copy(reader, writer, views, threads, scanner, tails, progress, start, holes):
+    """The calling thread reads blocks in order; `threads` writer threads write them."""
     free, work = queue.Queue(), queue.Queue()
     for view in views:
         free.put(view)
     errors = []
 
     def write_blocks():
+        sink = _BlockSink(writer, scanner, tails)
         while True:
             item = work.get()
             if item is None:
-                return
-            view, count, offset = item
+                break
+            offset, view, count = item
             try:
                 if not errors:
-                    writer.write_at(view, count, offset)
-            except BaseException as exc:       # re-raised by the main thread
+                    sink.put(offset, view, count)
+            except BaseException as exc:       # re-raised by the calling thread
                 errors.append(exc)
-            free.put(view)
-
-    threads = [threading.Thread(target=write_blocks, name=f"disk-writer-{n}", daemon=True)
-               for n in range(writers)]
-    for thread in threads:
-        thread.start()
-    offset = start
-    tail = None
-    try:
-        while not errors:
-            view = free.get()
-            count = fill_buffer(reader, view)
-            if count < buffer_size:
-                tail = (view, count)
-                break
-            work.put((view, count, offset))
-            offset += count
-            if progress:
-                progress.update(offset)
-    finally:
-        for _ in threads:
-            work.put(None)
-        for thread in threads:
-            thread.join()
-    try:
-        if errors:
-            raise errors[0]
-        view, count = tail
-        if count:
-            writer.seek(offset)        # pwrite() left the file position where it was
-            writer.write(view, count)
-            offset += count
-        if progress:
-            progress.update(offset)
-        return offset - start
-    finally:
-        for view in views:
-            buffer = view.obj
-            view.release()
-            buffer.close()
-
-
-def _serial_blocks(reader, buffer):
-    view = memoryview(buffer)
-    try:
-        while True:
-            count = fill_buffer(reader, view)
-            yield view, count
-            if count < len(view):
-                return
-    finally:
-        view.release()
-
-
-def _overlapped_blocks(reader, buffers):
-    free = queue.Queue()
-    full = queue.Queue()
-    stop = threading.Event()
-    views = [memoryview(b) for b in buffers]
-    for view in views:
-        free.put(view)
-
-    def produce():
+            if view is not None:
+                free.put(view)
         try:
-            while not stop.is_set():
-                view = free.get()
-                if view is None:
-                    return
-                count = fill_buffer(reader, view)
-                full.put((view, count, None))
-                if count < len(view):
-                    return
-        except BaseException as exc:   # handed to the writer thread
-            full.put((None, 0, exc))
+            if not errors:
+                sink.flush()
+        except BaseException as exc:
+            errors.append(exc)
 
-    thread = threading.Thread(target=produce, name="image-reader", daemon=True)
-    thread.start()
+    workers = [threading.Thread(target=write_blocks, name=f"disk-writer-{n}", daemon=True)
+               for n in range(threads)]
+    for worker in workers:
+        worker.start()
+    end = start
     try:
-        while True:
-            view, count, error = full.get()
-            if error is not None:
-                raise error
-            yield view, count
-            if count < len(view):
+        for offset, view, count in _image_blocks(reader, free.get, start, holes):
+            work.put((offset, view, count))
+            end = offset + count
+            if progress:
+                progress.update(end)
+            if errors:
                 break
-            free.put(view)
-        thread.join()
     finally:
-        stop.set()
-        free.put(None)
-        if not thread.is_alive():
-            for view in views:
-                view.release()
+        for _ in workers:
+            work.put(None)
+        for worker in workers:
+            worker.join()
+    if errors:
+        raise errors[0]
+    return end
+
+
+class ZeroScanner:
+    """Splits a copy buffer into data and all-zero runs of ZERO_CHUNK bytes.
+
+    libc memcmp of a run against itself shifted by one byte: a run whose first
+    byte is 0 and that equals its shift is all zeros. One pass at memory speed,
+    no zero buffer, the GIL released. The first bytes of all runs are fetched
+    in one strided copy: a buffer of dense data is told from them alone, in a
+    few microseconds (memoryview == compares item by item, 50 times slower
+    than memcmp on zeros).
+    """
+
+    def __init__(self):
+        import ctypes
+        self.ctypes = ctypes
+        self.memcmp = ctypes.CDLL(None).memcmp
+        self.memcmp.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
+        self.memcmp.restype = ctypes.c_int
+
+    def _address(self, view):
+        anchor = self.ctypes.c_char.from_buffer(view)
+        address = self.ctypes.addressof(anchor)
+        del anchor                      # releases the export: the buffer can be closed later
+        return address
+
+    def _is_zero(self, view, address, start, end):
+        return view[start] == 0 and self.memcmp(address + start, address + start + 1, end - start - 1) == 0
+
+    def runs(self, view, count):
+        """[(start, end, is_data)] covering view[:count], neighbours of a kind merged."""
+        firsts = view[:count:ZERO_CHUNK].tobytes()     # the first byte of every run, in one call
+        if 0 not in firsts:
+            return [(0, count, True)]
+        address = self._address(view)
+        if self._is_zero(view, address, 0, count):
+            return [(0, count, False)]
+        runs = []
+        for index, start in enumerate(range(0, count, ZERO_CHUNK)):
+            end = min(start + ZERO_CHUNK, count)
+            data = firsts[index] != 0 or not self._is_zero(view, address, start, end)
+            if runs and runs[-1][2] == data:
+                runs[-1] = (runs[-1][0], end, data)
+            else:
+                runs.append((start, end, data))
+        return runs
+
+
+class _BlockSink:
+    """Writes the blocks one writer thread is given: data at its offset; with a
+    scanner, zero runs and holes merged into ranges the disk zeroes; the
+    unaligned tail set aside in `tails` to be written last."""
+
+    MAX_ZERO_RANGE = 1024 * MIB         # one zeroing call stays short and interruptible
+
+    def __init__(self, writer, scanner, tails):
+        self.writer, self.scanner, self.tails = writer, scanner, tails
+        self.positional = hasattr(writer, "write_at")
+        self.alignment = getattr(writer, "alignment", 1)
+        self.pending = None             # (offset, length) to zero
+
+    def put(self, offset, view, count):
+        if view is None:
+            self._zeros(offset, count)
+            return
+        if not count:
+            return
+        if not self.positional:
+            self.writer.write(view, count)
+            return
+        aligned = count - count % self.alignment
+        if self.scanner and aligned:
+            for start, end, data in self.scanner.runs(view, aligned):
+                if data:
+                    self.writer.write_at(view[start:end], end - start, offset + start)
+                else:
+                    self._zeros(offset + start, end - start)
+        elif aligned:
+            self.writer.write_at(view, aligned, offset)
+        if aligned < count:
+            self.tails.append((offset + aligned, bytes(view[aligned:count])))
+
+    def _zeros(self, offset, length):
+        if self.pending and sum(self.pending) == offset and self.pending[1] < self.MAX_ZERO_RANGE:
+            self.pending = (self.pending[0], self.pending[1] + length)
+            return
+        self.flush()
+        self.pending = (offset, length)
+
+    def flush(self):
+        if self.pending:
+            self.writer.zero_range(*self.pending)
+            self.pending = None
+
+
+# ---------------------------------------------------------------------------
+# Disk images in qemu's formats (qcow2, vmdk, vdi, vhdx, qed, vpc)
+# ---------------------------------------------------------------------------
+
+QEMU_HEADER_PEEK = 512
+QEMU_IMAGE_MAGIC = ((0, b"QFI\xfb", "qcow2"), (0, b"KDMV", "vmdk"), (0, b"# Disk DescriptorFile", "vmdk"),
+                    (0x40, b"\x7f\x10\xda\xbe", "vdi"), (0, b"vhdxfile", "vhdx"), (0, b"QED\x00", "qed"),
+                    (0, b"conectix", "vpc"))
+QCOW2_INCOMPAT_DATA_FILE = 1 << 2
+QCOW2_AUTOCLEAR_DATA_FILE_RAW = 1 << 1
+QCOW2_EXT_DATA_FILE = 0x44415441
+QEMU_FORMATS_WITH_BACKING = ("qcow2", "qed", "vmdk")
+QEMU_CHECK_OK = (0, 3, 63)          # clean, leaked clusters only, format has no check
+
+
+def qemu_image_format(head):
+    """The qemu format named by the image's header (never by its name), or None for raw."""
+    for offset, magic, name in QEMU_IMAGE_MAGIC:
+        if head[offset:offset + len(magic)] == magic:
+            return name
+    return None
+
+
+def check_qemu_image_header(fd, kind, size, shown):
+    """Refuse, from our own reading of the header and before qemu-img opens the file,
+    an image that would make qemu read another file: a backing file, an external
+    data file, VMDK extents elsewhere. Returns nothing; raises SnfError."""
+    def read(offset, length):
+        data = os.pread(fd, length, offset)
+        if len(data) < length:
+            raise SnfError(f"{shown}: truncated {kind} image (header cut at byte {offset + len(data)})")
+        return data
+
+    def refuse(why):
+        raise SnfError(f"{shown}: {kind} image refused: {why}", 2)
+
+    if kind == "qcow2":
+        version, backing_offset, backing_size, cluster_bits, _, crypt = struct.unpack(
+            ">IQIIQI", read(4, 32))
+        if version not in (2, 3):
+            refuse(f"qcow version {version} is not supported (only qcow2 versions 2 and 3)")
+        if backing_offset or backing_size:
+            refuse("it has a backing file (it would make qemu-img read another file)")
+        if crypt:
+            refuse("it is encrypted")
+        if not 9 <= cluster_bits <= 21:
+            raise SnfError(f"{shown}: corrupt qcow2 header (cluster_bits {cluster_bits})")
+        header_length = 72
+        if version == 3:
+            incompatible, _, autoclear, _, header_length = struct.unpack(">QQQII", read(72, 32))
+            if incompatible & QCOW2_INCOMPAT_DATA_FILE or autoclear & QCOW2_AUTOCLEAR_DATA_FILE_RAW:
+                refuse("its data is in an external data file")
+        cluster = read(0, min(1 << cluster_bits, size))
+        position = header_length
+        while position + 8 <= len(cluster):     # header extensions end within the first cluster
+            kind_code, length = struct.unpack(">II", cluster[position:position + 8])
+            if kind_code == 0:
+                break
+            if kind_code == QCOW2_EXT_DATA_FILE:
+                refuse("its header names an external data file")
+            position += 8 + -(-length // 8) * 8
+    elif kind == "vmdk":
+        if read(0, 4) != b"KDMV":
+            refuse("a VMDK descriptor file keeps the data in other files: only single-file "
+                   "(monolithicSparse or streamOptimized) VMDK images are accepted")
+        capacity, _, descriptor_sector, descriptor_sectors = struct.unpack("<QQQQ", read(12, 32))
+        if capacity == 0:
+            refuse("its layout is given by a descriptor, which may name other files")
+        if descriptor_sector:
+            text = read(descriptor_sector * 512, min(descriptor_sectors * 512, 65536))
+            text = text.split(b"\0", 1)[0].decode("ascii", "replace")
+            extents = re.findall(r"(?m)^\s*(?:RW|RDONLY|NOACCESS)\s+\d+\s+(\w+)", text)
+            parent = re.search(r'(?m)^\s*parentCID\s*=\s*"?([0-9a-fA-F]+)', text)
+            if "parentFileNameHint" in text or (parent and parent.group(1).lower() != "ffffffff"):
+                refuse("it has a parent image (it would make qemu-img read another file)")
+            if len(extents) > 1 or any(extent != "SPARSE" for extent in extents):
+                refuse("its descriptor names extents in other files")
+    elif kind == "qed":
+        features, = struct.unpack("<Q", read(16, 8))
+        _, backing_size = struct.unpack("<II", read(56, 8))
+        if features & 1 or backing_size:
+            refuse("it has a backing file (it would make qemu-img read another file)")
+    elif kind == "vpc":
+        disk_type, = struct.unpack(">I", read(60, 4))
+        if disk_type == 4:
+            refuse("it is a differencing disk (it has a parent)")
+    elif kind == "vdi":
+        image_type, = struct.unpack("<I", read(0x4C, 4))
+        if image_type == 4:
+            refuse("it is a differencing image (it has a parent)")
+    # vhdx: qemu refuses images with a parent itself, without opening it
+
+
+def qemu_image_name(kind, fd):
+    """qemu's name for the already opened, already checked image file: the descriptor
+    (same inode as the one checked), the format fixed, backing files forbidden."""
+    options = {"driver": kind, "file": {"driver": "file", "filename": f"/proc/self/fd/{fd}"}}
+    if kind in QEMU_FORMATS_WITH_BACKING:
+        options["backing"] = None
+    return "json:" + json.dumps(options)
+
+
+def _run_qemu_img(config, arguments, fd, what, ok=(0,)):
+    try:
+        result = subprocess.run([*config.QEMU_IMG, *arguments], stdin=subprocess.DEVNULL, capture_output=True,
+                                pass_fds=(fd,), timeout=600, check=False)
+    except OSError as exc:
+        raise SnfError(f"{what}: cannot run {config.QEMU_IMG[0]}: {exc.strerror}") from None
+    except subprocess.TimeoutExpired:
+        raise SnfError(f"{what}: {config.QEMU_IMG[0]} did not finish within 600 s") from None
+    if result.returncode not in ok:
+        lines = result.stderr.decode("utf-8", "replace").strip().splitlines() or [""]
+        raise SnfError(f"{what}: {lines[-1][:300]}")
+    return result
+
+
+def write_qemu_image(job, source, reader, kind):
+    """Write a local image in a qemu format with `qemu-img convert` onto the disk."""
+    config, monitor, disk = job.config, job.monitor, job.disks[0]
+    shown = f"image {os.path.basename(source.path)}"
+    fd = source.file.fileno()
+    log(f"{shown}: {kind} disk image (from its header), written with qemu-img convert")
+    check_qemu_image_header(fd, kind, source.size, shown)
+    name = qemu_image_name(kind, fd)
+    info = _run_qemu_img(config, ["info", "--output=json", name], fd, f"{shown}: corrupt {kind} image")
+    try:
+        details = json.loads(info.stdout)
+        virtual_size = int(details["virtual-size"])
+    except (ValueError, KeyError, TypeError):
+        raise SnfError(f"{shown}: qemu-img info printed no virtual size") from None
+    if details.get("format") != kind:
+        raise SnfError(f"{shown}: qemu-img reads it as {details.get('format')!r}, not as {kind}")
+    if source.checksum:
+        log(f"verifying the image against {source.checksum[2]} before writing")
+        drain(reader)               # hashes the file, holes as zeros; a mismatch raises
+    check = _run_qemu_img(config, ["check", "--output=json", name], fd, f"{shown}: corrupt {kind} image",
+                          ok=(*QEMU_CHECK_OK, 2))
+    if check.returncode == 2:
+        try:
+            corruptions = json.loads(check.stdout).get("corruptions", "some")
+        except ValueError:
+            corruptions = "some"
+        raise SnfError(f"{shown}: corrupt {kind} image: qemu-img check found {corruptions} corruptions "
+                       "(truncated or damaged file)")
+    with DiskWriter(disk.path) as writer:
+        target_size, direct = writer.size, writer.direct
+    if virtual_size > target_size:
+        raise SnfError(f"the image ({virtual_size} bytes) is larger than disk {disk.path} ({target_size} bytes)")
+    monitor.info("Starting image copy...")
+    argv = [*config.QEMU_IMG, "convert", "-p", "-n", "-O", "raw", "-t", "none" if direct else "writeback"]
+    if config.COPY_WRITERS > 1:
+        argv.append("-W")
+    if not config.SPARSE_COPY:
+        argv += ["-S", "0"]
+    progress = CopyProgress(monitor, virtual_size, config.PROGRESS_INTERVAL, "copy")
+    _convert_with_progress([*argv, name, disk.path], fd, progress, virtual_size, shown)
+    progress.update(virtual_size, final=True)
+    monitor.info(f"Image copy finished ({virtual_size} bytes written to {disk.path}).")
+
+
+def _convert_with_progress(argv, fd, progress, virtual_size, shown):
+    """Run qemu-img convert -p, turning its "(NN.NN/100%)" lines into progress messages."""
+    import tempfile
+    with tempfile.TemporaryFile() as errors:
+        try:
+            process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errors,
+                                       pass_fds=(fd,), bufsize=0)
+        except OSError as exc:
+            raise SnfError(f"cannot run {argv[0]}: {exc.strerror}") from None
+        with killing_on_exit(process):
+            pending = b""
+            while True:
+                chunk = process.stdout.read(4096)
+                if not chunk:
+                    break
+                pending += chunk
+                *done, pending = re.split(rb"[\r\n]", pending)
+                for line in reversed(done):
+                    match = re.search(rb"\((\d+(?:\.\d+)?)/100%\)", line)
+                    if match:
+                        progress.update(int(virtual_size * float(match.group(1)) / 100))
+                        break
+            code = process.wait()
+        if code != 0:
+            errors.seek(0)
+            lines = errors.read().decode("utf-8", "replace").strip().splitlines() or [""]
+            raise SnfError(f"{shown}: qemu-img convert failed (exit {code}): {lines[-1][:300]}")
 
 
 # ---------------------------------------------------------------------------
@@ -1774,13 +2897,131 @@ def rewrite_first_sector(path, sector):
 def private_temp_dir(base=None):
     """A 0700 directory for the floppy and friends, under TEMP_DIR (default
     /run/snf-image: root only, gone at reboot), removed on every exit path."""
-    base = Path(base or RUN_DIR)
+    return WorkDir(Path(base or RUN_DIR))
+
+
+def process_start(pid):
+    """The start time of process `pid` (tells a process from a later one with its number), or None."""
     try:
-        base.mkdir(mode=0o700, parents=True, exist_ok=True)
-    except OSError as exc:
-        raise SnfError(f"cannot create the temporary directory {base}: {exc.strerror}") from None
-    import tempfile
-    return tempfile.TemporaryDirectory(prefix="deploy-", dir=str(base))
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def record_process(path, pid):
+    """A pid file that names one process for good: "PID START-TIME"."""
+    temporary = f"{path}.{os.getpid()}"
+    write_private(temporary, f"{pid} {process_start(pid)}\n".encode())
+    os.replace(temporary, path)
+
+
+def recorded_process(path):
+    """The pid recorded in `path` if that very process still runs, else None."""
+    try:
+        pid, start = Path(path).read_text().split()
+    except (OSError, ValueError):
+        return None
+    return int(pid) if pid.isdigit() and process_start(pid) == start else None
+
+
+def reap_workdir(workdir):
+    """Kill the helper VM recorded in a work directory and remove the directory (floppy included)."""
+    pid = recorded_process(os.path.join(workdir, "qemu.pid"))
+    if pid is not None:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    import shutil
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+def reap_leftovers(base):
+    """Work directories whose deployment died (even by SIGKILL, with its guard):
+    their qemu is killed and the directory removed by the next run."""
+    try:
+        entries = [entry for entry in os.scandir(base) if entry.name.startswith("deploy-") and entry.is_dir()]
+    except OSError:
+        return
+    for entry in entries:
+        owner = os.path.join(entry.path, "owner.pid")
+        if recorded_process(owner) is not None:
+            continue                    # a deployment running now
+        try:
+            if not os.path.exists(owner) and time.time() - entry.stat().st_mtime < 60:
+                continue                # being set up this very moment
+        except OSError:
+            continue
+        warn(f"removing the leftovers of an interrupted deployment: {entry.path}")
+        reap_workdir(entry.path)
+
+
+class WorkDir:
+    """The private work directory of one deployment, with a guard process that
+    cleans up after us if we die without cleaning (SIGKILL included): the guard
+    waits for the end of a pipe only we hold; at its end without our "done", it
+    kills the recorded qemu and removes the directory with the floppy."""
+
+    def __init__(self, base):
+        self.base, self.path, self.guard, self.guard_pipe = base, None, None, None
+
+    def __enter__(self):
+        try:
+            self.base.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise SnfError(f"cannot create the temporary directory {self.base}: {exc.strerror}") from None
+        reap_leftovers(self.base)
+        import tempfile
+        self.path = tempfile.mkdtemp(prefix="deploy-", dir=str(self.base))
+        try:
+            record_process(os.path.join(self.path, "owner.pid"), os.getpid())
+            read_end, self.guard_pipe = os.pipe()
+            try:
+                self.guard = subprocess.Popen([sys.executable, "-I", "-S", os.path.abspath(__file__),
+                                               "guard-workdir", self.path],
+                                              stdin=read_end, stdout=subprocess.DEVNULL, start_new_session=True)
+            finally:
+                os.close(read_end)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self.path
+
+    def __exit__(self, *exc_info):
+        reap_workdir(self.path)
+        if self.guard_pipe is not None:
+            try:
+                os.write(self.guard_pipe, b"done\n")
+            except OSError:
+                pass
+            os.close(self.guard_pipe)
+        if self.guard is not None:
+            try:
+                self.guard.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+
+
+def guard_workdir(workdir):
+    """The guard of a WorkDir (a hidden verb): see WorkDir."""
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)
+    said = b""
+    while True:
+        chunk = os.read(0, 64)
+        if not chunk:
+            break
+        said += chunk
+    if said != b"done\n" and os.path.isdir(workdir):
+        reap_workdir(workdir)
+
+
+# OS parameters and their SNF_IMAGE_* names in the tasks' environment: the
+# first five are passed when set (even if empty), the others when not empty.
+HELPER_ENV_NAMES = (("img_passwd", "PASSWD"), ("img_passwd_hash", "PASSWD_HASH"),
+                    ("os_product_key", "OS_PRODUCT_KEY"), ("auth_keys", "AUTH_KEYS"),
+                    ("cloud_userdata", "CLOUD_USERDATA"), ("img_properties", "PROPERTIES"),
+                    ("inst_properties", "INST_PROPERTIES"), ("img_personality", "PERSONALITY"))
 
 
 def helper_environment(environ, params, config, image_format, instance, answer_file_used):
@@ -1792,13 +3033,10 @@ def helper_environment(environ, params, config, image_format, instance, answer_f
         "SNF_IMAGE_STATELESS_DHCPV6_TAGS": config.STATELESS_DHCPV6_TAGS,
         "SNF_IMAGE_DEFAULT_NIC_CONFIG": config.DEFAULT_NIC_CONFIG,
     }
-    for name, key in (("img_passwd", "PASSWD"), ("img_passwd_hash", "PASSWD_HASH"),
-                      ("os_product_key", "OS_PRODUCT_KEY"), ("auth_keys", "AUTH_KEYS"),
-                      ("cloud_userdata", "CLOUD_USERDATA")):
+    for name, key in HELPER_ENV_NAMES[:5]:
         if name in params:                         # set, even if empty
             env["SNF_IMAGE_" + key] = params[name]
-    for name, key in (("img_properties", "PROPERTIES"), ("inst_properties", "INST_PROPERTIES"),
-                      ("img_personality", "PERSONALITY")):
+    for name, key in HELPER_ENV_NAMES[5:]:
         if params.get(name):                       # only if non-empty
             env["SNF_IMAGE_" + key] = params[name]
     if config.CLOUD_INIT_DEBUG:
@@ -1814,27 +3052,31 @@ def helper_environment(environ, params, config, image_format, instance, answer_f
     return env
 
 
-def fetch_answer_file(url, image_dir):
+def fetch_answer_file(url, image_dir, timeout):
     """os_answer_file: http(s)/ftp(s), or file:// limited to IMAGE_DIR (never any host file)."""
-    import urllib.error   # lazy, like urllib.request in open_url
     parts = urllib.parse.urlsplit(url)
     if parts.scheme.lower() == "file":
-        path = os.path.realpath(urllib.parse.unquote(parts.path))
+        given = os.path.normpath(urllib.parse.unquote(parts.path))
+        path = os.path.realpath(given)
         root = os.path.realpath(image_dir).rstrip("/") + "/"
         if not path.startswith(root):
             raise SnfError("os_answer_file: file:// answer files must be inside IMAGE_DIR", 2)
+        if path != given:
+            raise SnfError("os_answer_file: a file:// answer file may not be a symbolic link", 2)
         try:
-            return Path(path).read_bytes()
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as exc:
-            raise SnfError(f"cannot read os_answer_file {path}: {exc.strerror}") from None
+            raise SnfError(f"cannot read os_answer_file {path}: {exc.strerror}", 2) from None
+        with open(fd, "rb") as handle:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise SnfError(f"os_answer_file {path} is not a regular file", 2)
+            return handle.read(FLOPPY_SIZE + 1)
     log("Downloading the answer file given in os_answer_file")
     try:
-        with open_url(url) as response:
-            return response.read(16 * MIB)
-    except urllib.error.HTTPError as exc:
-        raise SnfError(f"cannot fetch os_answer_file: HTTP {exc.code} {exc.reason}") from None
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        raise SnfError(f"cannot fetch os_answer_file: {getattr(exc, 'reason', exc)}") from None
+        with UrlFetch(url, "os_answer_file", timeout=timeout) as fetch:
+            return fetch.read(FLOPPY_SIZE)
+    except SnfError as exc:
+        raise SnfError(str(exc), 2) from None
 
 
 def default_answer_files(timezone):
@@ -1851,13 +3093,31 @@ def write_private(path, data):
         handle.write(data)
 
 
+FLOPPY_BUDGET = FLOPPY_SIZE - 160 * 1024     # what ext2's own structures leave for the files
+
+
+def check_floppy_budget(rules_json, unattend, sysprep, env):
+    """Refuse, naming the largest parameter, what would not fit on the floppy."""
+    def blocks(data):
+        return -(-len(data or b"") // 1024) * 1024
+    total = blocks(rules_json) + blocks(unattend) + blocks(sysprep)
+    if total <= FLOPPY_BUDGET:
+        return
+    sizes = {key: len(value.encode()) for key, value in env.items()}
+    sizes["os_answer_file"] = len(unattend or b"")
+    largest = max(sizes, key=sizes.get)
+    names = {"SNF_IMAGE_" + key: name for name, key in HELPER_ENV_NAMES}
+    raise SnfError(f"the OS parameters do not fit on the rules floppy ({total // 1024} KiB of at most "
+                   f"{FLOPPY_BUDGET // 1024} KiB): {names.get(largest, largest)} is "
+                   f"{sizes[largest] // 1024} KiB", 2)
+
+
 def make_floppy(workdir, config, rules, params):
     """Write rules.json, unattend.xml, sysprep.inf into a 1440 KiB ext2 image (mkfs.ext2 -d)."""
     content = os.path.join(workdir, "floppy-content")
     os.mkdir(content, 0o700)
     try:
-        write_private(os.path.join(content, "rules.json"),
-                      json.dumps(rules, indent=1, sort_keys=True).encode())
+        rules_json = json.dumps(rules, indent=1, sort_keys=True).encode()
         if config.UNATTEND:
             warn("the UNATTEND setting is deprecated; use os_answer_file")
             try:
@@ -1866,10 +3126,12 @@ def make_floppy(workdir, config, rules, params):
                 raise SnfError(f"cannot read UNATTEND file {config.UNATTEND}: {exc.strerror}", 2) from None
             sysprep = default_answer_files(config.WINDOWS_TIMEZONE)[1]
         elif params.get("os_answer_file"):
-            unattend = fetch_answer_file(params["os_answer_file"], config.IMAGE_DIR)
+            unattend = fetch_answer_file(params["os_answer_file"], config.IMAGE_DIR, config.URL_TIMEOUT)
             sysprep = None
         else:
             unattend, sysprep = default_answer_files(config.WINDOWS_TIMEZONE)
+        check_floppy_budget(rules_json, unattend, sysprep, rules["env"])
+        write_private(os.path.join(content, "rules.json"), rules_json)
         write_private(os.path.join(content, "unattend.xml"), unattend)
         if sysprep is None:
             os.symlink("unattend.xml", os.path.join(content, "sysprep.inf"))
@@ -1923,8 +3185,8 @@ def helper_release_problem(release):
         return "is broken (no manifest.json)"
     except (OSError, ValueError, KeyError, TypeError):
         return "is broken (unreadable manifest.json)"
-    if _version_key(built_for) < _version_key(VERSION):
-        return f"is older than this node's snf-image (built for {built_for}, the node runs {VERSION})"
+    if _version_key(built_for) < _version_key(SNF_IMAGE_VERSION):
+        return f"is older than this node's snf-image (built for {built_for}, the node runs {SNF_IMAGE_VERSION})"
     return _helper_checksum_problem(release, files)
 
 
@@ -1996,7 +3258,7 @@ def choose_accelerator(config):
     log(f"KVM probe guest {'ran' if works else 'did not run'} within {KVM_PROBE_TIMEOUT:.0f} s: using {accel}")
     try:
         RUN_DIR.mkdir(mode=0o700, exist_ok=True)
-        tmp = cache.with_suffix(".tmp")
+        tmp = cache.with_suffix(f".tmp{os.getpid()}")   # concurrent deployments share no file
         tmp.write_text(json.dumps({"boot_id": boot_id(), "accel": accel}))
         tmp.replace(cache)
     except OSError as exc:
@@ -2021,7 +3283,8 @@ def probe_accelerator(qemu, accel, timeout=KVM_PROBE_TIMEOUT):
                        "-serial", f"file:/proc/self/fd/{write_end}"]
         try:
             process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                       stderr=subprocess.DEVNULL, pass_fds=(write_end,))
+                                       stderr=subprocess.DEVNULL, pass_fds=(write_end,),
+                                       preexec_fn=die_with_parent)
         except OSError:
             os.close(read_end)
             os.close(write_end)
@@ -2055,29 +3318,73 @@ def supports_direct_io(path):
     return True
 
 
-def helper_command(config, release, accel, disks, floppy, fds):
-    append = ("console=ttyS0 panic=-1 quiet ro root=/dev/vda rootfstype=ext4 "
-              "init=/usr/bin/snf-image-helper hypervisor=kvm snf_image_activate_helper rules_dev=/dev/fd0")
+# The helper's kernel command line. Besides what the helper needs (console,
+# root, init, activation), options that shorten the boot under TCG, each
+# measured by tools/bench-helper.py and none taking away a device the helper
+# uses: no speculative-execution mitigations and no zeroing of every
+# allocation (the VM runs nothing but the helper and lives for one
+# deployment), no timer and TSC checks, no crypto self-tests, expedited RCU
+# grace periods, no keyboard/mouse probing, one PCI bus, no audit, no KASLR,
+# no read-only remapping of the kernel (and so no W+X scan).
+HELPER_KERNEL_OPTIONS = (
+    "console=ttyS0", "panic=-1", "quiet", "ro", "root=/dev/vda", "rootfstype=ext4",
+    "mitigations=off", "init_on_alloc=0", "tsc=reliable", "no_timer_check",
+    "cryptomgr.notests", "rcupdate.rcu_expedited=1", "i8042.noaux", "i8042.nokbd",
+    "pci=lastbus=0", "audit=0", "nokaslr", "rodata=off", "nowatchdog",
+)
+HELPER_INIT = "/usr/bin/snf-image-helper"
+# qemu's minimal firmware: it hands over to the kernel about 2 s sooner than
+# SeaBIOS under TCG. Where qemu does not ship it, qemu's default BIOS is used.
+HELPER_FIRMWARE_CANDIDATES = ("/usr/share/qemu/qboot.rom",)
+HELPER_ROOT_SERIAL = "snf-helper-root"
+RULES_SERIAL = "snf-rules"
+
+
+def helper_firmware():
+    return next((path for path in HELPER_FIRMWARE_CANDIDATES if os.path.isfile(path)), None)
+
+
+def helper_command(config, release, accel, disks, rules, ports, *, kernel=None, init=HELPER_INIT,
+                   extra_append=()):
+    """The helper VM's qemu command line (DESIGN.md §4). The one place it is
+    built: `create`, the builder's --check and tools/bench-helper.py use it.
+
+    `rules` is the rules image (None: no rules disk and no activation flag, as
+    the builder's boot check wants); `ports` maps console, result and progress
+    to an inherited descriptor (int) or a file path (str); a missing port is
+    discarded. `kernel` replaces the release's kernel (the benchmark's bzImage)."""
+    append = [*HELPER_KERNEL_OPTIONS, f"init={init}", "hypervisor=kvm"]
+    if rules is not None:
+        append += ["snf_image_activate_helper", f"rules_serial={RULES_SERIAL}"]
     if config.HELPER_DEBUG:
-        append += " snf_image_debug_helper"
+        append.append("snf_image_debug_helper")
+    append += list(extra_append)
+    firmware = helper_firmware()
     argv = config.QEMU + [
         "-accel", accel, "-machine", "pc", "-cpu", "max", "-smp", "1", "-m", str(config.HELPER_MEMORY),
         "-nodefaults", "-nographic", "-no-reboot", "-vga", "none", "-monitor", "none",
-        "-parallel", "none",
-        "-kernel", os.path.join(release, "kernel"), "-initrd", os.path.join(release, "initrd"),
-        "-append", append,
+        "-parallel", "none", *(["-bios", firmware] if firmware else []),
+        "-kernel", str(kernel or os.path.join(release, "kernel")),
+        "-initrd", os.path.join(release, "initrd"),
+        "-append", " ".join(append),
         "-drive", f"file={qemu_drive_value(os.path.join(release, 'image'))},format=raw,if=none,"
                   "id=helperroot,readonly=on",
-        "-device", "virtio-blk-pci,drive=helperroot,serial=snf-helper-root",
+        "-device", f"virtio-blk-pci,drive=helperroot,serial={HELPER_ROOT_SERIAL}",
     ]
     for disk in disks:
         cache = "none" if disk.path is None or supports_direct_io(disk.path) else "writeback"
         argv += ["-drive", f"file={qemu_drive_value(disk.target)},format=raw,if=none,id=disk{disk.index},"
                            f"cache={cache},aio=threads",
                  "-device", f"virtio-blk-pci,drive=disk{disk.index},serial=snf-disk{disk.index}"]
-    argv += ["-drive", f"file={qemu_drive_value(floppy)},if=floppy,format=raw,readonly=on"]
+    if rules is not None:
+        argv += ["-drive", f"file={qemu_drive_value(str(rules))},format=raw,if=none,id=rules,readonly=on",
+                 "-device", f"virtio-blk-pci,drive=rules,serial={RULES_SERIAL}"]
     for name in ("console", "result", "progress"):
-        argv += ["-serial", f"file:/proc/self/fd/{fds[name]}"]
+        port = ports.get(name)
+        if port is None:
+            argv += ["-serial", "null"]
+        else:
+            argv += ["-serial", f"file:/proc/self/fd/{port}" if isinstance(port, int) else f"file:{port}"]
     argv += ["-serial", "pty" if config.HELPER_DEBUG else "null"]
     if config.HELPER_USER != "root":
         argv += ["-runas", config.HELPER_USER]
@@ -2088,24 +3395,35 @@ ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1bc|[\x00-\x08\x0b-\x1f\x7f]
 
 
 class LineRelay:
-    """Splits a byte stream into lines and logs them with a prefix."""
+    """Splits a byte stream into lines and logs them with a prefix, up to
+    LOG_LIMIT bytes (a flooding guest must not fill the node's disk); the
+    last lines are kept for the error message either way."""
+
+    LOG_LIMIT = MIB
 
     def __init__(self, prefix, keep=1):
         self.prefix, self.pending, self.last = prefix, b"", []
         self.keep = keep
+        self.logged = 0
 
     def feed(self, data):
-        self.pending += data
-        while b"\n" in self.pending:
-            line, self.pending = self.pending.split(b"\n", 1)
+        lines = (self.pending + data).split(b"\n")
+        self.pending = lines.pop()
+        for line in lines:
             self.emit(line)
         if len(self.pending) > 4096:
             self.emit(self.pending)
             self.pending = b""
 
     def emit(self, raw):
-        line = ANSI_ESCAPE.sub("", raw.decode("utf-8", "replace")).rstrip("\r\n")
+        line = ANSI_ESCAPE.sub("", raw[:4096].decode("utf-8", "replace")).rstrip("\r\n")
         if not line.strip():
+            return
+        self.last = (self.last + [line])[-self.keep:]
+        self.logged += len(line)
+        if self.logged > self.LOG_LIMIT:
+            if self.logged - len(line) <= self.LOG_LIMIT:
+                warn(f"{self.prefix.strip(': ')} output beyond {self.LOG_LIMIT // MIB} MiB is not logged")
             return
         if self.prefix.startswith("HELPER"):
             try:       # as upstream's sed 's|^|HELPER: |': the guest has its own timestamps
@@ -2114,7 +3432,6 @@ class LineRelay:
                 pass
         else:
             log(self.prefix + line)
-        self.last = (self.last + [line])[-self.keep:]
 
     def finish(self):
         if self.pending:
@@ -2147,12 +3464,13 @@ def run_qemu_helper(build_argv, config, monitor, workdir):
         argv = build_argv(child_fds)
         if config.IMAGE_DEBUG:
             log("running: " + shlex.join(argv))
-        try:
+        try:    # a process group of its own: a signal to ours is handled by us, then qemu stopped
             process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=pipes["stderr"][1],
                                        stderr=pipes["stderr"][1], pass_fds=tuple(child_fds.values()),
-                                       cwd=workdir)
+                                       cwd=workdir, process_group=0)
         except OSError as exc:
             raise SnfError(f"cannot start the helper VM ({argv[0]}): {exc.strerror}", 3) from None
+        record_process(os.path.join(workdir, "qemu.pid"), process.pid)   # for the guard and the next run
         for name in pipes:
             os.close(pipes[name][1])
             pipes[name] = (pipes[name][0], None)
@@ -2166,10 +3484,17 @@ def run_qemu_helper(build_argv, config, monitor, workdir):
                         os.close(fd)
                     except OSError:
                         pass
-    _check_helper_outcome(*outcome, config)
+    _check_helper_outcome(outcome, config)
+
+
+class HelperOutcome(namedtuple("HelperOutcome", "exit_code result timed_out console_tail qemu_tail")):
+    """How a helper VM run ended: qemu's exit status, the bytes of the result
+    port, None / "terminated" / "killed", and the last console and qemu lines."""
+    __slots__ = ()
 
 
 def _supervise(process, readers, config, monitor):
+    """Relay the helper's ports until qemu exits and its pipes close; a HelperOutcome."""
     import selectors
     console = LineRelay("HELPER: ", keep=3)
     qemu_output = LineRelay("qemu: ", keep=3)
@@ -2219,24 +3544,26 @@ def _supervise(process, readers, config, monitor):
     protocol.finish()
     elapsed = time.monotonic() - started
     log(f"helper VM stopped after {elapsed:.1f} s (qemu exit status {process.returncode})")
-    return process.returncode, result, timed_out, console.last, qemu_output.last
+    return HelperOutcome(exit_code=process.returncode, result=result, timed_out=timed_out,
+                         console_tail=console.last, qemu_tail=qemu_output.last)
 
 
-def _check_helper_outcome(code, result, timed_out, console_last, qemu_last, config):
-    if timed_out:
+def _check_helper_outcome(outcome, config):
+    """Return only when the helper reported SUCCESS; otherwise the one-line reason."""
+    if outcome.timed_out:
         raise SnfError(f"helper VM did not finish within HELPER_SOFT_TIMEOUT "
-                       f"({config.HELPER_SOFT_TIMEOUT:g} s) and was {timed_out}", 3)
-    first = result.decode("utf-8", "replace").replace("\r", "").split("\n")[0].strip()
-    if code != 0:
-        detail = qemu_last[-1] if qemu_last else "no error message"
-        raise SnfError(f"helper VM crashed (qemu exit status {code}): {detail}", 3)
+                       f"({config.HELPER_SOFT_TIMEOUT:g} s) and was {outcome.timed_out}", 3)
+    first = outcome.result.decode("utf-8", "replace").replace("\r", "").split("\n")[0].strip()
+    if outcome.exit_code != 0:
+        detail = outcome.qemu_tail[-1] if outcome.qemu_tail else "no error message"
+        raise SnfError(f"helper VM crashed (qemu exit status {outcome.exit_code}): {detail}", 3)
     if first == "SUCCESS":
         return
     if first.startswith("ERROR:"):
         raise SnfError(f"image customization failed inside the helper VM: {first[6:].strip()}", 3)
     if first:
         raise SnfError(f"helper VM reported an unexpected result: {first[:80]!r}", 3)
-    detail = console_last[-1] if console_last else "no console output"
+    detail = outcome.console_tail[-1] if outcome.console_tail else "no console output"
     raise SnfError(f"helper VM stopped without reporting a result (last console line: {detail[:120]})", 3)
 
 
@@ -2266,14 +3593,18 @@ def _create(environ, run_helper):
     config = load_config(environ, environ.get("OS_VARIANT"))
     require_env(environ, "INSTANCE_NAME", "HYPERVISOR", "DISK_COUNT")
     instance = environ["INSTANCE_NAME"]
+    if CONTROL_CHARACTERS.search(instance) or re.search("[\ud800-\udfff]", instance):
+        raise SnfError("invalid instance name: control characters or invalid UTF-8", 2)
     disks = instance_disks(environ)
     params = collect_parameters(environ, config)
     check_required_create_params(params)
     if environ.get("HYPERVISOR") not in ("kvm", "fake"):
         log(f"hypervisor {environ['HYPERVISOR']}: the helper VM runs under qemu anyway")
-    with Monitor(config.PROGRESS_MONITOR, instance) as monitor:
+    with disk_locks([(disk.index, disk.path) for disk in disks if disk.path], "deployment"), \
+            Monitor(config.PROGRESS_MONITOR, instance) as monitor:
         try:
-            deploy_image(config, monitor, environ, params, disks, instance, run_helper)
+            deploy_image(Deployment(config=config, monitor=monitor, environ=environ, params=params,
+                                    disks=disks, instance=instance, run_helper=run_helper))
         except SnfError as exc:
             monitor.send("image-error", messages=[str(exc)])
             raise
@@ -2282,12 +3613,33 @@ def _create(environ, run_helper):
             raise
 
 
-def deploy_image(config, monitor, environ, params, disks, instance, run_helper):
-    img_id, image_format = params["img_id"], params["img_format"]
+class Deployment(namedtuple("Deployment", "config monitor environ params disks instance run_helper boot_code",
+                            defaults=(None,))):
+    """One deployment's inputs, gathered once by _create and handed down the pipeline
+    (deploy_image → copy_image → floppy → helper VM). Read-only: a stage that learns
+    more (the MBR boot code) passes on a copy made with _replace. A named tuple, not a
+    dataclass: importing dataclasses would cost every OS operation ~30 ms."""
+    __slots__ = ()
+
+    @property
+    def image_format(self):
+        return self.params["img_format"]
+
+    @property
+    def filesystem_dump(self):
+        """extdump/ntfsdump: a bare file system, written after an MBR built on the host."""
+        return self.image_format in ("extdump", "ntfsdump")
+
+
+def deploy_image(job):
+    """Copy the image onto the first disk, then (unless run_helper is false) customize it."""
+    config, monitor, environ, params = job.config, job.monitor, job.environ, job.params
+    disks, instance, run_helper = job.disks, job.instance, job.run_helper
+    img_id, image_format = params["img_id"], job.image_format
     monitor.info(f"Processing image with ID: {redact_url(img_id)} and type: {image_format}")
-    filesystem_dump = image_format in ("extdump", "ntfsdump")
-    boot_code = find_mbr_boot_code(config.MBR_BIN) if filesystem_dump else None
-    if filesystem_dump and img_id == "null":
+    if job.filesystem_dump:
+        job = job._replace(boot_code=find_mbr_boot_code(config.MBR_BIN))
+    if job.filesystem_dump and img_id == "null":
         raise SnfError("img_id null (keep the disk) works only with img_format diskdump", 2)
     release = None
     if run_helper:      # fail before the disk is touched when the helper cannot run at all
@@ -2296,30 +3648,54 @@ def deploy_image(config, monitor, environ, params, disks, instance, run_helper):
         for program in (config.QEMU[0], config.MKFS_EXT2[0]):
             if shutil.which(program) is None:
                 raise SnfError(f"program {program} not found (needed for the helper VM)")
-    # the work directory holds the floppy: only the helper VM needs one
+    # the work directory holds the floppy: only the helper VM needs one. The
+    # floppy is made first: answer files fetched and its size budget checked
+    # before the first byte reaches the disk.
     with private_temp_dir(config.TEMP_DIR) if run_helper else nullcontext() as workdir:
+        if run_helper:
+            rules = {
+                "format": 1,
+                "env": helper_environment(environ, params, config, image_format, instance,
+                                          bool(params.get("os_answer_file")) and not config.UNATTEND),
+                "disks": [f"snf-disk{disk.index}" for disk in disks],
+            }
+            floppy = make_floppy(workdir, config, rules, params)
         with open_image_source(config, img_id, image_format) as source:
-            copy_image(config, monitor, source, disks[0], image_format, boot_code, filesystem_dump)
+            copy_image(job, source)
         if not run_helper:
             monitor.info("Image copied; --no-helper given: the image was NOT customized.")
             return
-        rules = {
-            "format": 1,
-            "env": helper_environment(environ, params, config, image_format, instance,
-                                      bool(params.get("os_answer_file")) and not config.UNATTEND),
-            "disks": [f"snf-disk{disk.index}" for disk in disks],
-        }
-        floppy = make_floppy(workdir, config, rules, params)
         run_helper_vm(config, monitor, release, disks, floppy, workdir)
         monitor.info("Image customization finished successfully.")
 
 
-def copy_image(config, monitor, source, disk, image_format, boot_code, filesystem_dump):
+def copy_image(job, source):
+    """Write the image source onto the deployment's first disk (with the MBR of a filesystem dump)."""
+    config, monitor, disk = job.config, job.monitor, job.disks[0]
     if isinstance(source, NullSource):
         monitor.info("Image ID is null: the disk is kept as it is, no data copied.")
         CopyProgress(monitor, 0, config.PROGRESS_INTERVAL, "copy").update(0, final=True)
         return
-    reader, compression = decompressing(source.reader, "image")
+    with decompressing(source.reader, "image") as (reader, compression):
+        image_kind = qemu_image_format(reader.peek(QEMU_HEADER_PEEK))
+        if image_kind:
+            if job.filesystem_dump:
+                raise SnfError(f"the image is a {image_kind} disk image, not a filesystem dump: "
+                               f"use img_format diskdump", 2)
+            if compression or not isinstance(source, LocalSource) or not disk.path:
+                raise SnfError(f"the image is a {image_kind} disk image, which needs random access: "
+                               "only an uncompressed file in IMAGE_DIR can be written onto a disk with a path")
+            write_qemu_image(job, source, reader, image_kind)
+            return
+        copied = _copy_raw(job, source, reader, compression)
+    shown_target = disk.path or redact_url(disk.uri)
+    monitor.info(f"Image copy finished ({copied} bytes written to {shown_target}).")
+
+
+def _copy_raw(job, source, reader, compression):
+    """Copy a raw (possibly decompressed) stream; returns the bytes written."""
+    config, monitor, disk = job.config, job.monitor, job.disks[0]
+    image_format, boot_code, filesystem_dump = job.image_format, job.boot_code, job.filesystem_dump
     image_size = None if compression else source.size
     header = b""
     if filesystem_dump:
@@ -2340,14 +3716,17 @@ def copy_image(config, monitor, source, disk, image_format, boot_code, filesyste
         monitor.info("Starting image copy...")
         progress = CopyProgress(monitor, image_size, config.PROGRESS_INTERVAL, "copy", skip=len(header))
         copied = copy_stream(reader, writer, config.COPY_BUFFER_SIZE, progress,
-                             overlap=config.COPY_OVERLAP, prefix=header, writers=config.COPY_WRITERS)
+                             overlap=config.COPY_OVERLAP, prefix=header, writers=config.COPY_WRITERS,
+                             sparse=config.SPARSE_COPY)
         drain(source.reader)       # a decompressor may stop early: size and checksum checks run at EOF
         source.finish()
         writer.sync()
         progress.update(copied, final=True)
+    if copied == len(header):
+        raise SnfError("the image is empty (no data after decompression)", 2)
     if filesystem_dump and image_size is None:
         rewrite_first_sector(disk.path, build_mbr(boot_code, image_format, copied - len(header)))
-    monitor.info(f"Image copy finished ({copied} bytes written to {shown_target}).")
+    return copied
 
 
 def _indexed_device(environ, prefix):
@@ -2367,6 +3746,11 @@ def operation_export(environ):
     check_api_version(environ)
     config = load_config(environ, environ.get("OS_VARIANT"))
     index, device = _indexed_device(environ, "EXPORT")
+    with disk_locks([(index, device)], "export"):
+        _export(config, index, device, environ)
+
+
+def _export(config, index, device, environ):
     try:
         fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT)
     except OSError as exc:
@@ -2442,10 +3826,10 @@ def operation_import(environ):
         pass
     log(f"importing stdin into disk {index} ({device})")
     reader = io.FileIO(0, "rb", closefd=False)
-    with DiskWriter(device) as writer:
+    with disk_locks([(index, device)], "import"), DiskWriter(device) as writer:
         progress = CopyProgress(None, None, 30, f"import disk {index}")
         copied = copy_stream(reader, writer, config.COPY_BUFFER_SIZE, progress, overlap=config.COPY_OVERLAP,
-                             writers=config.COPY_WRITERS)
+                             writers=config.COPY_WRITERS, sparse=config.SPARSE_COPY)
         writer.sync()
     log(f"imported disk {index}: {copied} bytes")
 
@@ -2467,7 +3851,7 @@ def operation_verify(environ, args):
         log("config_url given: the other parameters are checked when it is fetched at create time")
     if problems:
         for problem in problems[:-1]:
-            print(problem, file=sys.stderr, flush=True)
+            print(printable(problem), file=sys.stderr, flush=True)
         raise SnfError(problems[-1], 2)
     resolve_helper(config.HELPER_DIR)   # Ganeti runs verify on every node before an add
 
@@ -2638,16 +4022,16 @@ class TerminalView:
         self.transient = transient
 
 
-def operation_deploy(args):
+def operation_deploy(args, process_environ):
     parser = deploy_parser()
     options = parser.parse_args(args)
     view = TerminalView(sys.stderr) if sys.stderr.isatty() and not options.plain else nullcontext()
     with view:
-        _deploy(options)
+        _deploy(options, process_environ)
 
 
-def _deploy(options):
-    environ = {key: value for key, value in os.environ.items()
+def _deploy(options, process_environ):
+    environ = {key: value for key, value in process_environ.items()
                if key.startswith("OSP_") or key in ("SNF_IMAGE_CONFIG", "PATH")}
     environ.update({"OS_API_VERSION": OS_API_VERSION, "OS_VARIANT": options.variant,
                     "INSTANCE_NAME": options.hostname, "HYPERVISOR": "kvm",
@@ -2688,21 +4072,40 @@ USAGE = """usage: snf-image-host.py VERB
   deploy --help                       deploy an image without Ganeti"""
 
 
+def withhold_parameters_from_children():
+    """The OS parameters (passwords, keys, user data, URLs with credentials)
+    are read from `environ` once; no child (qemu, the progress monitor,
+    back-ends, mkfs) inherits them."""
+    for key in [key for key in os.environ if key.startswith("OSP_")]:
+        del os.environ[key]
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
 def _terminate(signum, _frame):
+    """The first stop signal unwinds the operation (every resource is a context
+    manager); further ones are ignored so that they cannot cut the clean-up short."""
+    for other in STOP_SIGNALS:
+        signal.signal(other, signal.SIG_IGN)
     raise SnfError(f"interrupted by signal {signal.Signals(signum).name}")
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    signal.signal(signal.SIGTERM, _terminate)
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, _terminate)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE, file=sys.stderr if not argv else sys.stdout)
         return 2 if not argv else 0
     verb, rest = argv[0], argv[1:]
     environ = dict(os.environ)
+    withhold_parameters_from_children()
     try:
-        if verb == "create" and not rest:
+        if verb == "guard-workdir" and len(rest) == 1:
+            guard_workdir(rest[0])
+        elif verb == "create" and not rest:
             operation_create(environ)
         elif verb == "import" and not rest:
             operation_import(environ)
@@ -2713,11 +4116,11 @@ def main(argv=None):
         elif verb == "verify":
             operation_verify(environ, rest)
         elif verb == "deploy":
-            operation_deploy(rest)
+            operation_deploy(rest, environ)
         else:
             raise usage_error(f"unknown verb or arguments: {' '.join(argv)[:80]!r}\n{USAGE}")
     except SnfError as exc:
-        print(f"ERROR: {exc}", file=sys.stderr, flush=True)
+        print(f"ERROR: {printable(exc)}", file=sys.stderr, flush=True)
         return exc.exit_code
     except KeyboardInterrupt:
         print("ERROR: interrupted", file=sys.stderr, flush=True)
@@ -2725,7 +4128,7 @@ def main(argv=None):
     except Exception as exc:        # a bug: keep the traceback, but still end with one line
         import traceback
         traceback.print_exc()
-        print(f"ERROR: internal error ({type(exc).__name__}): {' '.join(str(exc).split())[:200]}",
+        print(f"ERROR: internal error ({type(exc).__name__}): {printable(' '.join(str(exc).split())[:200])}",
               file=sys.stderr, flush=True)
         return 1
     return 0

@@ -30,13 +30,11 @@ import contextlib
 import fcntl
 import gzip
 import hashlib
-import http.client
 import io
 import json
 import lzma
 import os
 import re
-import shlex
 import shutil
 import signal
 import stat
@@ -46,7 +44,6 @@ import sys
 import tarfile
 import tempfile
 import time
-import urllib.error
 import urllib.parse
 import urllib.request
 import zlib
@@ -60,15 +57,11 @@ if sys.version_info < (3, 11):
 # Constants
 # ---------------------------------------------------------------------------
 
-SNF_IMAGE_VERSION = "0.24.0"  # as snf-image-host.py
-
 # Bump when the root stage changes in a way the cache key does not see.
-ROOT_RECIPE_VERSION = 3
+ROOT_RECIPE_VERSION = 4
 
-DEFAULT_CONFIG_FILE = "/etc/default/snf-image"
 # upstream's file of this program: HELPER_URL only (SNF_IMAGE_UPDATE_HELPER_CONFIG overrides)
 UPDATE_HELPER_CONFIG_FILE = "/etc/default/snf-image-update-helper"
-FETCH_SCHEMES = ("http", "https", "file")
 FETCH_TIMEOUT = 60
 HOST_APT_SOURCES = ("/etc/apt/sources.list.d/debian.sources", "/etc/apt/sources.list")
 DATADIR_HELPER = Path("/usr/local/share/snf-image/helper")
@@ -80,11 +73,12 @@ HELPER_PACKAGES = (
     "usr-is-merged", "python3", "util-linux", "e2fsprogs", "fdisk", "gdisk",
     "parted", "dosfstools", "xfsprogs", "btrfs-progs", "ntfs-3g",
     "libhivex-bin", "kmod", "busybox-static", "linux-image-amd64",
+    "openssh-client", "libcrypt1",  # new SSH host keys, yescrypt password hashes
 )
 
-# Modules the initrd loads (with their dependencies) to reach the root disk
-# and the rules floppy. Built-in ones are skipped.
-INITRD_MODULES = ("virtio_pci", "virtio_blk", "virtio_console", "floppy", "ext4", "crc32c_generic")
+# Modules the initrd loads (with their dependencies) to reach the root disk.
+# Built-in ones are skipped. The helper loads the rest from its root.
+INITRD_MODULES = ("virtio_pci", "virtio_blk", "ext4", "crc32c_generic")
 
 # Parts of the kernel's module tree kept in the helper root ("modprobe xfs"
 # and friends work); everything else (sound, GPU, network, media...) goes.
@@ -112,7 +106,6 @@ PRUNED_PATHS = (
 HELPER_LIB_DIR = "usr/lib/snf-image-helper"
 HELPER_PROGRAM_NAME = "snf_image_helper.py"
 HELPER_INIT = "/usr/bin/snf-image-helper"
-BOOT_CHECK_PROGRAM = "boot-check"
 CHECK_FLAG = "snf_image_check_helper"
 ROOT_SERIAL = "snf-helper-root"
 
@@ -127,6 +120,14 @@ BUILD_ID_RE = re.compile(r"^[0-9]{8}T[0-9]{6}Z-[0-9a-f]{8}(-[0-9]+)?$")
 
 class HelperError(Exception):
     """An expected failure: printed as one line by main()."""
+
+    exit_code = 1
+
+
+class ConfigError(HelperError):
+    """Bad configuration or command-line value: exit status 2, as the host's."""
+
+    exit_code = 2
 
 
 _start_time = time.monotonic()
@@ -188,60 +189,79 @@ def last_line_of_file(path):
 # Configuration
 # ---------------------------------------------------------------------------
 
-# One table: configuration key, command-line option, default, help.
-SETTINGS_TABLE = (
-    ("HELPER_DIR", "--helper-dir", "/var/lib/snf-image/helper", "where releases are installed"),
-    ("HELPER_CACHE_DIR", "--cache-dir", "", "cache of the slow root stage (default HELPER_DIR/cache)"),
-    ("HELPER_DEBIAN_SUITE", "--suite", "trixie", "Debian suite of the helper root"),
-    ("HELPER_DEBIAN_MIRROR", "--mirror", "", "Debian mirror (default: the host's own APT sources)"),
-    ("MULTISTRAP_CONFIG", "--multistrap-config", "",
+# The configuration grammar of /etc/default/snf-image and its settings table
+# (defaults, syntax, which program reads each key) belong to the host program,
+# snf-image-host.py; the builder loads it as a module. It is looked for next
+# to this program (a checkout), then in the OS directories Ganeti searches,
+# where `make install` (OSDIR) and the Debian package put it.
+# SNF_IMAGE_HOST_DIRS (colon-separated) replaces this list.
+HOST_PROGRAM_NAME = "snf-image-host.py"
+HOST_PROGRAM_DIRS = (
+    Path(__file__).resolve().parent,
+    Path("/srv/ganeti/os/snf-image"),
+    Path("/usr/local/lib/ganeti/os/snf-image"),
+    Path("/usr/lib/ganeti/os/snf-image"),
+    Path("/usr/share/ganeti/os/snf-image"),
+)
+
+# Command-line options that override a configuration key: option, key, help.
+CONFIG_OPTIONS = (
+    ("--helper-dir", "HELPER_DIR", "where releases are installed"),
+    ("--cache-dir", "HELPER_CACHE_DIR", "cache of the slow root stage (default HELPER_DIR/cache)"),
+    ("--suite", "HELPER_DEBIAN_SUITE", "Debian suite of the helper root"),
+    ("--mirror", "HELPER_DEBIAN_MIRROR", "Debian mirror (default: the host's own APT sources)"),
+    ("--multistrap-config", "MULTISTRAP_CONFIG",
      "multistrap configuration to use instead of the built-in one (it must still "
      "install python3, busybox-static and linux-image-amd64)"),
-    ("MULTISTRAP_APTPREFDIR", "--apt-pref-dir", "",
+    ("--apt-pref-dir", "MULTISTRAP_APTPREFDIR",
      "APT preference files (pinning) put into the root's preferences.d for multistrap"),
-    ("HELPER_MEMORY", "--memory", "256", "MiB of RAM for the --check boot"),
-    ("HELPER_USER", "--user", "nobody", "user qemu runs as during --check"),
-    ("MULTISTRAP", None, "multistrap", "program"),
-    ("MKFS_EXT4", None, "mkfs.ext4", "program"),
-    ("DEPMOD", None, "depmod", "program"),
-    ("QEMU", None, "qemu-system-x86_64", "program"),
-    ("ZSTD", None, "zstd", "program (decompresses zstd kernels)"),
-    ("CP", None, "cp", "program"),
-    ("CHROOT", None, "chroot", "program (byte-compiles the helper with the root's python3)"),
+    ("--memory", "HELPER_MEMORY", "MiB of RAM for the --check boot"),
+    ("--user", "HELPER_USER", "user qemu runs as during --check"),
 )
 
 
-def parse_config_text(text, source="configuration"):
-    """Parse KEY=value lines of a shell-style defaults file without executing it."""
-    values = {}
-    for number, raw in enumerate(text.splitlines(), 1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        if line.startswith("export "):
-            line = line[len("export "):].lstrip()
-        match = re.match(r"^([A-Za-z_][A-Za-z0-9_]*)=(.*)$", line)
-        if not match:
-            raise HelperError(f"{source} line {number}: expected KEY=value")
-        key, rest = match.groups()
-        try:
-            words = shlex.split(rest, comments=True, posix=True)
-        except ValueError as err:
-            raise HelperError(f"{source} line {number}: {err}") from None
-        if len(words) > 1:
-            raise HelperError(f"{source} line {number}: value of {key} must be quoted")
-        values[key] = words[0] if words else ""
-    return values
+def host_program_dirs(environ=os.environ):
+    listed = environ.get("SNF_IMAGE_HOST_DIRS")
+    if listed:
+        return tuple(Path(entry) for entry in listed.split(":") if entry)
+    return HOST_PROGRAM_DIRS
 
 
-def read_config_file(path):
+def load_host_module(environ=os.environ):
+    """snf-image-host.py as a module: the owner of the configuration and the version."""
+    import importlib.machinery
+    import importlib.util
+    directories = host_program_dirs(environ)
+    path = next((d / HOST_PROGRAM_NAME for d in directories if (d / HOST_PROGRAM_NAME).is_file()), None)
+    if path is None:
+        raise ConfigError(f"cannot find {HOST_PROGRAM_NAME} (it owns the configuration) in "
+                          f"{':'.join(map(str, directories))}; set SNF_IMAGE_HOST_DIRS")
+    name = "snf_image_host"
+    loader = importlib.machinery.SourceFileLoader(name, str(path))
+    module = importlib.util.module_from_spec(importlib.util.spec_from_loader(name, loader))
+    loader.exec_module(module)
+    return module
+
+
+try:
+    host_program = load_host_module()
+except ConfigError as _error:
+    print(f"Error: {_error}", file=sys.stderr)
+    sys.exit(_error.exit_code)
+
+# The release's version, owned by the host program; the builder writes it
+# into each helper's manifest.json and release.json.
+SNF_IMAGE_VERSION = host_program.SNF_IMAGE_VERSION
+
+
+def load_host_config(overrides, environ=os.environ):
+    """The host program's Config for /etc/default/snf-image (or SNF_IMAGE_CONFIG)
+    with `overrides` on top: parsed, checked and warned about exactly as the
+    host does; a mistake is a ConfigError."""
     try:
-        text = Path(path).read_text()
-    except FileNotFoundError:
-        return {}
-    except OSError as err:
-        raise HelperError(f"cannot read {path}: {err.strerror}") from None
-    return parse_config_text(text, str(path))
+        return host_program.load_config(environ, overrides=overrides)
+    except host_program.SnfError as err:
+        raise ConfigError(str(err)) from None
 
 
 def parse_apt_sources(text, deb822=True):
@@ -297,6 +317,7 @@ class Settings:
     rebuild_root: bool = False
     accel: str = "auto"
     check_timeout: float = 300.0
+    config: object = None       # the host program's Config these settings came from
 
 
 def default_helper_sources():
@@ -321,7 +342,9 @@ def build_arg_parser():
         epilog="""\
 configuration:
   KEY="value" lines of /etc/default/snf-image (SNF_IMAGE_CONFIG names another
-  file), parsed, never executed; command-line options win. Programs:
+  file), parsed, never executed, with the grammar and settings table of
+  snf-image-host.py (found next to this program or in the Ganeti OS
+  directories; SNF_IMAGE_HOST_DIRS overrides); command-line options win. Programs:
   MULTISTRAP, MKFS_EXT4, DEPMOD, QEMU, ZSTD, CP, CHROOT. MULTISTRAP_CONFIG and
   MULTISTRAP_APTPREFDIR (upstream's names) are used only when set.
 
@@ -384,9 +407,8 @@ examples:
     answers.add_argument("-c", dest="skip_checksum", action="store_true",
                          help=argparse.SUPPRESS)
     options = parser.add_argument_group("configuration (override the configuration file)")
-    for key, option, _default, help_text in SETTINGS_TABLE:
-        if option:
-            options.add_argument(option, dest=key, metavar=key, help=f"{help_text} [{key}]")
+    for option, key, help_text in CONFIG_OPTIONS:
+        options.add_argument(option, dest=key, metavar=key, help=f"{help_text} [{key}]")
     options.add_argument("--tasks", metavar="DIR", help="tasks directory to install (default tasks.d)")
     options.add_argument("--helper-program", metavar="FILE",
                          help="snf-image-helper.py to install (default: the one shipped)")
@@ -400,41 +422,28 @@ examples:
 
 
 def load_settings(args, environ=os.environ):
-    config_path = environ.get("SNF_IMAGE_CONFIG", DEFAULT_CONFIG_FILE)
-    config = read_config_file(config_path)
-    values = {}
-    for key, _option, default, _help in SETTINGS_TABLE:
-        value = getattr(args, key, None)
-        values[key] = value if value is not None else config.get(key, default)
-    helper_dir = Path(values["HELPER_DIR"]).absolute()
-    cache_dir = Path(values["HELPER_CACHE_DIR"]).absolute() if values["HELPER_CACHE_DIR"] \
-        else helper_dir / "cache"
-    suite = values["HELPER_DEBIAN_SUITE"]
-    if not re.match(r"^[a-z][a-z0-9.-]*$", suite):
-        raise HelperError(f"invalid Debian suite {suite!r}")
-    mirror = values["HELPER_DEBIAN_MIRROR"].rstrip("/")
-    if mirror and not re.match(r"^(https?|ftp|file):/[^\s\[\]]*$", mirror):
-        raise HelperError(f"HELPER_DEBIAN_MIRROR must be an http(s)/ftp/file URL, not {mirror!r}")
-    try:
-        memory = int(values["HELPER_MEMORY"])
-    except ValueError:
-        raise HelperError(f"HELPER_MEMORY must be a number of MiB, not {values['HELPER_MEMORY']!r}") from None
+    overrides = {key: getattr(args, key) for _option, key, _help in CONFIG_OPTIONS
+                 if getattr(args, key, None) is not None}
+    config = load_host_config(overrides, environ)
+    helper_dir = Path(config.HELPER_DIR).absolute()
+    cache_dir = Path(config.HELPER_CACHE_DIR).absolute() if config.HELPER_CACHE_DIR else helper_dir / "cache"
     optional_paths = {}
     for key in ("MULTISTRAP_CONFIG", "MULTISTRAP_APTPREFDIR"):
-        optional_paths[key] = Path(values[key]).absolute() if values[key] else None
+        optional_paths[key] = Path(getattr(config, key)).absolute() if getattr(config, key) else None
     if optional_paths["MULTISTRAP_CONFIG"] and not optional_paths["MULTISTRAP_CONFIG"].is_file():
-        raise HelperError(f"MULTISTRAP_CONFIG {values['MULTISTRAP_CONFIG']} does not exist")
+        raise ConfigError(f"MULTISTRAP_CONFIG {config.MULTISTRAP_CONFIG} does not exist")
     if optional_paths["MULTISTRAP_APTPREFDIR"] and not optional_paths["MULTISTRAP_APTPREFDIR"].is_dir():
-        raise HelperError(f"MULTISTRAP_APTPREFDIR {values['MULTISTRAP_APTPREFDIR']} is not a directory")
+        raise ConfigError(f"MULTISTRAP_APTPREFDIR {config.MULTISTRAP_APTPREFDIR} is not a directory")
     program, tasks = default_helper_sources()
     return Settings(
         helper_dir=helper_dir,
         cache_dir=cache_dir,
-        suite=suite,
-        mirror=mirror,
-        memory=memory,
-        user=values["HELPER_USER"],
-        programs={key: values[key] for key, option, *_ in SETTINGS_TABLE if option is None},
+        suite=config.HELPER_DEBIAN_SUITE,
+        mirror=config.HELPER_DEBIAN_MIRROR,
+        memory=config.HELPER_MEMORY,
+        user=config.HELPER_USER,
+        programs={setting.name: getattr(config, setting.name) for setting in host_program.SETTINGS
+                  if setting.is_program and setting.read_by("builder")},
         helper_program=Path(args.helper_program).absolute() if args.helper_program else program,
         tasks_dir=Path(args.tasks).absolute() if args.tasks else tasks,
         multistrap_config=optional_paths["MULTISTRAP_CONFIG"],
@@ -442,6 +451,7 @@ def load_settings(args, environ=os.environ):
         rebuild_root=args.rebuild_root,
         accel=args.accel,
         check_timeout=args.check_timeout,
+        config=config,
     )
 
 
@@ -587,7 +597,7 @@ PT_NOTE = 4
 XEN_ELFNOTE_PHYS32_ENTRY = 18
 
 
-def decompress_kernel_payload(payload, zstd_program="zstd"):
+def decompress_kernel_payload(payload, zstd_command=("zstd",)):
     """Decompress a bzImage payload (gzip, xz, lzma, bzip2 with the standard
     library; zstd through the zstd program)."""
     if payload.startswith(b"\x1f\x8b"):
@@ -599,7 +609,7 @@ def decompress_kernel_payload(payload, zstd_program="zstd"):
     if payload.startswith(b"BZh"):
         return bz2.BZ2Decompressor().decompress(payload)
     if payload.startswith(b"\x28\xb5\x2f\xfd"):
-        return run([zstd_program, "-q", "-d", "-c"], input=payload, capture=True)
+        return run([*zstd_command, "-q", "-d", "-c"], input=payload, capture=True)
     raise HelperError(f"unsupported kernel compression (magic {payload[:4].hex()})")
 
 
@@ -616,7 +626,7 @@ def elf_extent(elf):
     return end
 
 
-def extract_vmlinux(bzimage, zstd_program="zstd"):
+def extract_vmlinux(bzimage, zstd_command=("zstd",)):
     """The uncompressed ELF kernel inside a bzImage (boot protocol >= 2.08)."""
     if bzimage[:4] == b"\x7fELF":
         return bzimage
@@ -633,7 +643,7 @@ def extract_vmlinux(bzimage, zstd_program="zstd"):
         raise HelperError("bzImage payload lies outside the file")
     # The kernel build appends the uncompressed size (le32) to the payload.
     expected_size = struct.unpack("<I", payload[-4:])[0]
-    vmlinux = decompress_kernel_payload(payload[:-4], zstd_program)
+    vmlinux = decompress_kernel_payload(payload[:-4], zstd_command)
     if len(vmlinux) != expected_size:
         raise HelperError(f"decompressed kernel is {len(vmlinux)} bytes, expected {expected_size}")
     if vmlinux[:4] != b"\x7fELF" or vmlinux[4] != 2:
@@ -713,7 +723,7 @@ def module_load_order(wanted, modules_dep, builtin):
     return order
 
 
-def read_module(path, zstd_program="zstd"):
+def read_module(path, zstd_command=("zstd",)):
     """Module bytes, decompressed (busybox insmod gets plain .ko files)."""
     data = Path(path).read_bytes()
     if data.startswith(b"\xfd7zXZ\x00"):
@@ -721,8 +731,41 @@ def read_module(path, zstd_program="zstd"):
     if data.startswith(b"\x1f\x8b"):
         return gzip.decompress(data)
     if data.startswith(b"\x28\xb5\x2f\xfd"):
-        return run([zstd_program, "-q", "-d", "-c", str(path)], capture=True)
+        return run([*zstd_command, "-q", "-d", "-c", str(path)], capture=True)
     return data
+
+
+MODULE_SIGNATURE_MAGIC = b"~Module signature appended~\n"
+
+
+def without_signature(module):
+    """The module without its appended signature: the kernel then skips the
+    check (hashing megabytes under TCG) and loads it, since the helper's
+    kernel does not enforce signatures; the modules come from the same
+    package as the kernel."""
+    if not module.endswith(MODULE_SIGNATURE_MAGIC):
+        return module
+    # struct module_signature: 8 bytes, then the signature's length (be32)
+    info_end = len(module) - len(MODULE_SIGNATURE_MAGIC)
+    signature_length = struct.unpack(">I", module[info_end - 4:info_end])[0]
+    end = info_end - 12 - signature_length
+    if end <= 0:
+        raise HelperError("malformed module signature")
+    return module[:end]
+
+
+def initrd_modules(root, zstd_command=("zstd",)):
+    """(file name, bytes) of INITRD_MODULES and their dependencies in load
+    order, from the root's (pruned, depmod'ed) module tree."""
+    module_dirs = sorted((root / "lib/modules").glob("*"))
+    if len(module_dirs) != 1:
+        raise HelperError(f"expected one module tree in the helper root, found {len(module_dirs)}")
+    module_dir = module_dirs[0]
+    dep = parse_modules_dep((module_dir / "modules.dep").read_text())
+    builtin = parse_modules_builtin((module_dir / "modules.builtin").read_text())
+    return [(module_name(relative) + ".ko",
+             without_signature(read_module(module_dir / relative, zstd_command)))
+            for relative in module_load_order(INITRD_MODULES, dep, builtin)]
 
 
 # ---------------------------------------------------------------------------
@@ -926,7 +969,9 @@ def prune_root(root):
     gconv = root / "usr/lib/x86_64-linux-gnu/gconv"
     if gconv.is_dir():
         for path in gconv.iterdir():
-            if not (path.name.startswith("gconv-modules") or path.name.startswith(("UTF-", "UNICODE"))):
+            # hivex reads the registry's compressed key names as Latin-1
+            if not (path.name.startswith("gconv-modules") or
+                    path.name.startswith(("UTF-", "UNICODE", "ISO8859-1."))):
                 remove_path(path)
     zoneinfo = root / "usr/share/zoneinfo"
     if zoneinfo.is_dir():
@@ -1001,7 +1046,7 @@ def build_root_stage(settings, entry, mirror, log_path):
         env["TMPDIR"] = os.environ["TMPDIR"]
     step(f"multistrap: Debian {settings.suite} from {mirror} (about 20-60 s; log {log_path})")
     try:
-        run_logged([settings.programs["MULTISTRAP"], "-d", str(root), "-f", str(config)], log_path, env=env)
+        run_logged([*settings.programs["MULTISTRAP"], "-d", str(root), "-f", str(config)], log_path, env=env)
     finally:
         remove_multistrap_temp_files(root)
     if find_in_root(root, "python3") is None or find_in_root(root, "busybox") is None:
@@ -1034,20 +1079,9 @@ def build_root_stage(settings, entry, mirror, log_path):
     step("modules: pruning the module tree, depmod")
     module_dir = module_dirs[0]
     if not (module_dir / "modules.dep").exists():  # the kernel's postinst did not get that far
-        run([settings.programs["DEPMOD"], "-b", str(root), kernel_version])
-    full_dep = parse_modules_dep((module_dir / "modules.dep").read_text())
-    builtin = parse_modules_builtin((module_dir / "modules.builtin").read_text())
-    initrd_order = module_load_order(INITRD_MODULES, full_dep, builtin)
-    initrd_dir = entry / "initrd-modules"
-    initrd_dir.mkdir()
-    names = []
-    for relative in initrd_order:
-        name = module_name(relative) + ".ko"
-        (initrd_dir / name).write_bytes(read_module(module_dir / relative, settings.programs["ZSTD"]))
-        names.append(name)
-    (initrd_dir / "load-order").write_text("".join(f"{n}\n" for n in names))
+        run([*settings.programs["DEPMOD"], "-b", str(root), kernel_version])
     prune_modules(module_dir)
-    run([settings.programs["DEPMOD"], "-b", str(root), kernel_version])
+    run([*settings.programs["DEPMOD"], "-b", str(root), kernel_version])
 
     step("root: removing docs, man pages, locales, Perl")
     prune_root(root)
@@ -1085,54 +1119,15 @@ def prepared_root_stage(settings):
 # Release assembly
 # ---------------------------------------------------------------------------
 
-BOOT_CHECK_SOURCE = r'''#!/usr/bin/python3
-"""Boot check of the helper root, independent of snf-image-helper (installed
-by snf-image-update-helper). Used by `--check` when the helper program does
-not know snf_image_check_helper, and by the builder's tests: loads the modules
-named by snf_image_boot_check_modules=a,b,c on the kernel command line, then
-writes SUCCESS or `ERROR: <reason>` to ttyS1 and powers off."""
-import ctypes
-import os
-import subprocess
-import termios
-import tty
-
-os.environ["PATH"] = "/usr/sbin:/usr/bin:/sbin:/bin"
-
-
-def verdict():
-    modules = []
-    with open("/proc/cmdline") as cmdline:
-        for word in cmdline.read().split():
-            if word.startswith("snf_image_boot_check_modules="):
-                modules += [m for m in word.split("=", 1)[1].split(",") if m]
-    if not modules:
-        return "SUCCESS"
-    proc = subprocess.run(["modprobe", "-a", *modules], capture_output=True, text=True)
-    if proc.returncode != 0:
-        lines = proc.stderr.strip().splitlines() or ["failed"]
-        return f"ERROR: modprobe {' '.join(modules)}: {lines[-1]}"
-    return "SUCCESS"
-
-
-try:
-    result = verdict()
-except Exception as exc:  # PID 1 must report and power off whatever happens
-    result = f"ERROR: boot-check: {exc}"
-fd = os.open("/dev/ttyS1", os.O_WRONLY | os.O_NOCTTY)
-tty.setraw(fd)
-os.write(fd, result.encode() + b"\n")
-termios.tcdrain(fd)
-os.sync()
-ctypes.CDLL(None, use_errno=True).reboot(0x4321FEDC)
-'''
-
-
-def helper_supports_check(program_path):
-    try:
-        return CHECK_FLAG in Path(program_path).read_text(errors="replace")
-    except OSError:
-        return False
+# init= of the helper: imports the helper program as a module, so that its
+# precompiled .pyc is used (a script run directly is compiled at every boot:
+# about half a second under TCG).
+HELPER_INIT_SOURCE = f"""#!/usr/bin/python3
+import sys
+sys.path.insert(0, "/{HELPER_LIB_DIR}")
+import {HELPER_PROGRAM_NAME.removesuffix(".py")}
+sys.exit({HELPER_PROGRAM_NAME.removesuffix(".py")}.main())
+"""
 
 
 def install_helper_files(root, helper_program, tasks_dir):
@@ -1142,16 +1137,15 @@ def install_helper_files(root, helper_program, tasks_dir):
     (lib / "tasks").mkdir(parents=True)
     shutil.copyfile(helper_program, lib / HELPER_PROGRAM_NAME)
     (lib / HELPER_PROGRAM_NAME).chmod(0o755)
-    (lib / BOOT_CHECK_PROGRAM).write_text(BOOT_CHECK_SOURCE)
-    (lib / BOOT_CHECK_PROGRAM).chmod(0o755)
     for task in sorted(tasks_dir.iterdir()):
         if task.is_file() and not task.name.startswith("."):
             shutil.copyfile(task, lib / "tasks" / task.name)
             (lib / "tasks" / task.name).chmod(0o755 if os.access(task, os.X_OK) else 0o644)
-    link = root / HELPER_INIT.lstrip("/")
-    if link.exists() or link.is_symlink():
-        link.unlink()
-    link.symlink_to(f"../lib/snf-image-helper/{HELPER_PROGRAM_NAME}")
+    init = root / HELPER_INIT.lstrip("/")
+    if init.exists() or init.is_symlink():
+        init.unlink()
+    init.write_text(HELPER_INIT_SOURCE)
+    init.chmod(0o755)
 
 
 def precompile_helper_modules(settings, root):
@@ -1160,7 +1154,7 @@ def precompile_helper_modules(settings, root):
     this every task importing the library compiles it again (0.1-0.2 s each
     under TCG). unchecked-hash: the image never changes, so Python need not
     compare source timestamps."""
-    run([settings.programs["CHROOT"], str(root), "python3", "-m", "compileall", "-q",
+    run([*settings.programs["CHROOT"], str(root), "python3", "-m", "compileall", "-q",
          "--invalidation-mode", "unchecked-hash", f"/{HELPER_LIB_DIR}"])
 
 
@@ -1178,7 +1172,7 @@ def tree_size(root):
 def make_root_image(settings, root, image):
     used, inodes = tree_size(root)
     size_kib = (int(used * 1.08) + 24 * 1024 * 1024) // 1024
-    run([settings.programs["MKFS_EXT4"], "-q", "-F", "-t", "ext4", "-b", "4096", "-m", "0",
+    run([*settings.programs["MKFS_EXT4"], "-q", "-F", "-t", "ext4", "-b", "4096", "-m", "0",
          "-N", str(inodes + 2048), "-L", "snf-helper-root",
          "-O", "^has_journal,^metadata_csum,^resize_inode",
          "-E", "root_owner=0:0", "-d", str(root), str(image), f"{size_kib}k"])
@@ -1222,10 +1216,8 @@ def assemble_release(settings, entry, releases):
         make_root_image(settings, root, work / "image")
         shutil.rmtree(root)
         step("release: initrd (busybox + modules, cpio newc + gzip)")
-        modules_dir = entry / "initrd-modules"
-        order = (modules_dir / "load-order").read_text().split()
         write_initrd(work / "initrd", find_in_root(entry / "root", "busybox").read_bytes(),
-                     [(name, (modules_dir / name).read_bytes()) for name in order])
+                     initrd_modules(entry / "root", settings.programs["ZSTD"]))
         kernel_source = entry / ("vmlinux" if info["kernel_format"] == "vmlinux-pvh" else "vmlinuz")
         link_or_copy(kernel_source, work / "kernel")
         link_or_copy(entry / "vmlinuz", work / "vmlinuz")
@@ -1242,7 +1234,6 @@ def assemble_release(settings, entry, releases):
             "build_time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "inputs_hash": digest,
             "root_stage": entry.name,
-            "check_flag": helper_supports_check(settings.helper_program),
             "tasks": sorted(p.name for p in settings.tasks_dir.iterdir()
                             if p.is_file() and not p.name.startswith(".")),
             "packages": info["packages"],
@@ -1283,11 +1274,11 @@ def check_helper_sources(settings):
 def copy_root(settings, source, destination):
     """Hard-link copy of the cached root (a plain copy across file systems)."""
     try:
-        run([settings.programs["CP"], "-al", str(source), str(destination)])
+        run([*settings.programs["CP"], "-al", str(source), str(destination)])
     except HelperError:
         shutil.rmtree(destination, ignore_errors=True)
         step("release: cache on another file system, copying the root")
-        run([settings.programs["CP"], "-a", str(source), str(destination)])
+        run([*settings.programs["CP"], "-a", str(source), str(destination)])
 
 
 def remove_stale(directory, *patterns):
@@ -1444,60 +1435,66 @@ def import_release(settings, source, force=False, expected_sha256=None):
 
 def fetch_release(settings, url, force=False):
     """Download an export from URL (http, https, file) with URL.sha256 beside
-    it, check the download against that sha256, then import it."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme.lower() not in FETCH_SCHEMES:
-        raise HelperError(f"helper URL {url!r} must be http://, https:// or file://")
-    if parts.username is not None or parts.password is not None:
-        raise HelperError("a helper URL must not carry credentials (they would show in "
-                          "process lists and logs)")
+    it, check the download against that sha256, then import it. http(s) goes
+    through the host program's URL fetcher (timeouts, resumed downloads,
+    credentials never shown)."""
+    shown = host_program.redact_url(url)
     try:
         checksum_line = read_url(url + ".sha256", 4096)
     except HelperError as err:
         raise HelperError(f"{err} (-u and HELPER_URL take a helper written by "
                           "snf-image-update-helper --export, served with its .sha256 beside it)") from None
-    expected = parse_checksum(checksum_line.decode("ascii", "replace"), f"{url}.sha256")
-    name = Path(urllib.parse.unquote(parts.path)).name or "helper.tar"
+    expected = parse_checksum(checksum_line.decode("ascii", "replace"), f"{shown}.sha256")
+    name = Path(urllib.parse.unquote(urllib.parse.urlsplit(url).path)).name or "helper.tar"
     with temporary_directory(settings.helper_dir / "releases", ".fetch.") as work:
         archive = work / name
-        digest = hashlib.sha256()
+        digest, buffer = hashlib.sha256(), memoryview(bytearray(1 << 20))
         started, size = time.monotonic(), 0
-        step(f"fetch: downloading {url}")
-        with open_url(url) as response, open(archive, "xb") as output:
-            while chunk := read_chunk(response, url):
-                digest.update(chunk)
-                output.write(chunk)
-                size += len(chunk)
-        seconds = max(time.monotonic() - started, 1e-3)
-        step(f"fetch: {size / 1048576:.1f} MiB in {seconds:.1f} s")
+        step(f"fetch: downloading {shown}")
+        with opened_url(url) as source, open(archive, "xb") as output:
+            while count := source.readinto(buffer):
+                digest.update(buffer[:count])
+                output.write(buffer[:count])
+                size += count
+        step(f"fetch: {size / 1048576:.1f} MiB in {time.monotonic() - started:.1f} s")
         if digest.hexdigest() != expected:
-            raise HelperError(f"{url} does not match {url}.sha256 (a truncated or altered download)")
+            raise HelperError(f"{shown} does not match {shown}.sha256 (a truncated or altered download)")
         return import_release(settings, archive, force, expected_sha256=expected)
 
 
-def open_url(url):
+@contextlib.contextmanager
+def opened_url(url):
+    """A readable (readinto) for an http(s) or file URL; failures as HelperError."""
+    scheme = urllib.parse.urlsplit(url).scheme.lower()
+    if scheme not in ("http", "https", "file"):
+        raise HelperError(f"helper URL {host_program.redact_url(url)!r} must be http://, "
+                          "https:// or file://")
     try:
-        return urllib.request.urlopen(url, timeout=FETCH_TIMEOUT)
-    except urllib.error.HTTPError as err:
-        raise HelperError(f"cannot fetch {url}: HTTP {err.code} {err.reason}") from None
-    except (urllib.error.URLError, OSError, ValueError) as err:
-        reason = getattr(err, "reason", None) or err
-        raise HelperError(f"cannot fetch {url}: {reason}") from None
-
-
-def read_chunk(response, url, size=1 << 20):
-    try:
-        return response.read(size)
-    except (OSError, http.client.HTTPException) as err:
-        raise HelperError(f"download of {url} broke off: {err or type(err).__name__}") from None
+        if scheme == "file":
+            path = urllib.request.url2pathname(urllib.parse.urlsplit(url).path)
+            try:
+                stream = open(path, "rb")
+            except OSError as err:
+                raise HelperError(f"cannot fetch {url}: {err.strerror}") from None
+            with stream:
+                yield stream
+        else:
+            with host_program.UrlFetch(url, "the helper", timeout=FETCH_TIMEOUT,
+                                       stream=True) as fetch:
+                yield fetch
+    except host_program.SnfError as err:
+        raise HelperError(str(err)) from None
 
 
 def read_url(url, limit):
-    with open_url(url) as response:
-        data = read_chunk(response, url, limit + 1)
+    data = bytearray()
+    buffer = memoryview(bytearray(limit + 1))
+    with opened_url(url) as source:
+        while len(data) <= limit and (count := source.readinto(buffer)):
+            data += buffer[:count]
     if len(data) > limit:
-        raise HelperError(f"{url} is larger than {limit} bytes")
-    return data
+        raise HelperError(f"{host_program.redact_url(url)} is larger than {limit} bytes")
+    return bytes(data)
 
 
 def node_helper_problem(settings):
@@ -1606,33 +1603,23 @@ def kvm_usable():
 
 
 def qemu_command(settings, release, accel, work, kernel=None, append_extra=(), init=HELPER_INIT):
-    append = ["console=ttyS0", "panic=-1", "quiet", "ro", "root=/dev/vda", "rootfstype=ext4",
-              f"init={init}", "hypervisor=kvm", *append_extra]
-    argv = [settings.programs["QEMU"], "-accel", accel, "-machine", "pc", "-cpu", "max",
-            "-smp", "1", "-m", str(settings.memory),
-            "-nodefaults", "-nographic", "-no-reboot", "-vga", "none", "-monitor", "none",
-            "-parallel", "none",
-            "-kernel", str(kernel or release / "kernel"), "-initrd", str(release / "initrd"),
-            "-append", " ".join(append),
-            "-drive", f"file={release / 'image'},format=raw,if=none,id=helperroot,readonly=on",
-            "-device", f"virtio-blk-pci,drive=helperroot,serial={ROOT_SERIAL}",
-            "-serial", f"file:{work / 'console'}", "-serial", f"file:{work / 'result'}",
-            "-serial", "null", "-serial", "null"]
-    if os.geteuid() == 0 and settings.user:
-        argv += ["-runas", settings.user]
-    return argv
+    """The host's helper command line without disks and rules (so without
+    the activation flag); console and result go to files in `work`."""
+    from types import SimpleNamespace
+    config = SimpleNamespace(QEMU=list(settings.programs["QEMU"]), HELPER_MEMORY=settings.memory,
+                             HELPER_DEBUG=False,
+                             HELPER_USER=settings.user if os.geteuid() == 0 and settings.user else "root")
+    return host_program.helper_command(
+        config, str(release), accel, [], None,
+        {"console": str(work / "console"), "result": str(work / "result")},
+        kernel=kernel, init=init, extra_append=append_extra)
 
 
-def boot_once(settings, release, accel, timeout, kernel=None, boot_check=None, append_extra=()):
-    """Boot the helper in check mode: (succeeded, seconds, reason). With
-    boot_check (default: when snf-image-helper lacks the check flag) the
-    builder's own boot-check program is init instead of snf-image-helper."""
-    if boot_check is None:
-        boot_check = not read_manifest(release).get("check_flag", False)
-    if boot_check:
-        extra, init = tuple(append_extra), f"/{HELPER_LIB_DIR}/{BOOT_CHECK_PROGRAM}"
-    else:
-        extra, init = (CHECK_FLAG, *append_extra), HELPER_INIT
+def boot_once(settings, release, accel, timeout, kernel=None, append_extra=()):
+    """Boot the helper in its check mode (snf-image-helper of the same release
+    reports SUCCESS without touching a disk; snf_image_check_modules=a,b on the
+    command line makes it load those modules first): (succeeded, seconds, reason)."""
+    extra, init = (CHECK_FLAG, *append_extra), HELPER_INIT
     with temporary_directory(tempfile.gettempdir(), "snf-image-check.") as work:
         argv = qemu_command(settings, release, accel, work, kernel, extra, init)
         started = time.monotonic()
@@ -1657,8 +1644,7 @@ def check(settings):
     release, manifest = node_helper_problem(settings)
     print(f"node {os.uname().nodename}: helper release {release.name} is complete and built "
           f"for this snf-image ({SNF_IMAGE_VERSION})", flush=True)
-    step(f"check: booting release {release.name} ({manifest.get('kernel_format')}, "
-         f"{'snf_image_check_helper' if manifest.get('check_flag') else 'fallback boot-check init'})")
+    step(f"check: booting release {release.name} ({manifest.get('kernel_format')}, {CHECK_FLAG})")
     candidates = []
     if settings.accel in ("auto", "kvm"):
         if kvm_usable():
@@ -1687,11 +1673,16 @@ def terminate(signum, _frame):
 
 
 def configured_helper_url(environ=os.environ):
-    """HELPER_URL of /etc/default/snf-image-update-helper (upstream's file), or None."""
+    """HELPER_URL of /etc/default/snf-image-update-helper (upstream's file), or
+    None; read with the host program's grammar."""
     path = environ.get("SNF_IMAGE_UPDATE_HELPER_CONFIG", UPDATE_HELPER_CONFIG_FILE)
-    values = read_config_file(path)
+    try:
+        values = host_program.read_config_file(path) or {}
+    except host_program.SnfError as err:
+        raise ConfigError(str(err)) from None
     for key in sorted(set(values) - {"HELPER_URL"}):
-        warn(f"{path}: only HELPER_URL is read here; {key} belongs in {DEFAULT_CONFIG_FILE}")
+        warn(f"{path}: only HELPER_URL is read here; {key} belongs in "
+             f"{host_program.DEFAULT_CONFIG_FILE}")
     return values.get("HELPER_URL") or None
 
 
@@ -1726,7 +1717,7 @@ def main(argv=None):
             check(settings)
     except HelperError as err:
         print(f"Error: {err}", file=sys.stderr)
-        return 1
+        return err.exit_code
     except KeyboardInterrupt:
         print("Error: interrupted", file=sys.stderr)
         return 1

@@ -1,9 +1,7 @@
-"""Shared test plumbing: import the dash-named scripts, the test cache, and
-the rule that root/loop/qemu tests may skip on a developer machine that
+"""Shared test plumbing: the dash-named scripts as modules (tools/repository.py),
+the test cache, fixtures, and the rule that root/loop/qemu tests may skip on a developer machine that
 cannot run them but never in CI (CI=true turns such a skip into a failure)."""
 
-import importlib.machinery
-import importlib.util
 import os
 import shutil
 import sys
@@ -11,23 +9,11 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+from repository import REPO, load_script  # noqa: E402  (tests may use tools, not the reverse)
+
 CACHE_DIR = Path(os.environ.get("SNF_IMAGE_TEST_CACHE", "/var/cache/snf-image-tests"))
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-
-
-def load_script(name, module_name=None):
-    """Import a script of the repository (e.g. 'snf-image-host.py') as a module."""
-    path = REPO / name
-    module_name = module_name or path.stem.replace("-", "_")
-    if module_name in sys.modules:
-        return sys.modules[module_name]
-    loader = importlib.machinery.SourceFileLoader(module_name, str(path))
-    spec = importlib.util.spec_from_loader(module_name, loader)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module
-    loader.exec_module(module)
-    return module
 
 
 def require(condition, reason):
@@ -46,6 +32,23 @@ def require_root():
 def require_programs(*programs):
     missing = [p for p in programs if shutil.which(p) is None]
     require(not missing, f"needs {', '.join(missing)}")
+
+
+def write_tree(root, files):
+    """Create {relative path: text} below root; a path ending in / is a directory."""
+    for name, text in files.items():
+        path = Path(root) / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if name.endswith("/"):
+            path.mkdir(exist_ok=True)
+        else:
+            path.write_text(text)
+
+
+def require_helper_build():
+    """Skip (or fail in CI) where the builder cannot run."""
+    require_root()
+    require_programs("multistrap", "mkfs.ext4", "depmod", "qemu-system-x86_64", "cp")
 
 
 @pytest.fixture(scope="session")
@@ -92,6 +95,6 @@ def http_server():
 @pytest.fixture(scope="session")
 def helper_vm_dir():
     """HELPER_DIR of the helper built from the repository's tasks.d."""
-    from helpervm import built_helper_dir, require_helper_build
+    from helpervm import built_helper_dir
     require_helper_build()
     return built_helper_dir()

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 
 import ganeti_env
-from conftest import CACHE_DIR, REPO
-from helpervm import built_helper_dir, require_helper_build
+from conftest import CACHE_DIR, REPO, require_helper_build
+from helpervm import built_helper_dir
 from images import debian_image
 
 pytestmark = [pytest.mark.slow, pytest.mark.qemu, pytest.mark.root]
@@ -179,7 +179,7 @@ def test_recording_task_sees_the_documented_environment(deployments):
         # image properties, overridden key by key by instance properties, names upper-cased
         "SNF_IMAGE_PROPERTY_USERS": "root", "SNF_IMAGE_PROPERTY_SWAP": "2:512",
         "SNF_IMAGE_PROPERTY_CLOUD_INIT": "no", "SNF_IMAGE_PROPERTY_EXCLUDE_TASK_OTHER": "yes",
-        "HYPERVISOR": "kvm", "RULES_DEV": "/dev/fd0",
+        "HYPERVISOR": "kvm", "RULES_DEV": "/dev/vdd",      # root vda, disks vdb vdc, rules
         "SNF_IMAGE_MONITOR": "/dev/ttyS2", "SNF_IMAGE_HELPER_LIB": "/usr/lib/snf-image-helper",
         "TASKNAME": "50RecordEnvironment",
     }

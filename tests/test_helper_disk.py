@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from conftest import load_script, require_programs, require_root
+from conftest import load_script, require_programs, require_root, write_tree
 
 helper = load_script("snf-image-helper.py", "snf_image_helper")
 
@@ -24,13 +24,7 @@ def make_filesystem(directory, kind, size_mib, files):
     image = directory / f"fs-{kind}-{len(list(directory.iterdir()))}.img"
     content = directory / f"content-{image.stem}"
     content.mkdir()
-    for name, text in files.items():
-        path = content / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if name.endswith("/"):
-            path.mkdir(exist_ok=True)
-        else:
-            path.write_text(text)
+    write_tree(content, files)
     if kind == "ext4":
         subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(content), str(image), f"{size_mib}M"], check=True)
     elif kind == "vfat":
@@ -184,8 +178,10 @@ def test_classify_windows_root(tmp_path):
     # The Windows branch after the mount (the host kernel here has neither
     # vfat nor NTFS; the helper mounts NTFS with lowntfs-3g ignore_case).
     assert helper.classify_root(str(tmp_path), "windows") is None
-    (tmp_path / "WINDOWS" / "system32").mkdir(parents=True)
-    assert helper.classify_root(str(tmp_path), "windows") == "windows"   # no hive: NT version unknown
+    (tmp_path / "WINDOWS" / "system32" / "CONFIG").mkdir(parents=True)
+    assert helper.classify_root(str(tmp_path), "windows") is None      # no SYSTEM hive
+    (tmp_path / "WINDOWS" / "system32" / "CONFIG" / "system").write_bytes(b"")
+    assert helper.classify_root(str(tmp_path), "windows") == "windows"   # no SOFTWARE: NT version unknown
     assert helper.classify_root(str(tmp_path), "linux") is None
     (tmp_path / "etc").mkdir()
     (tmp_path / "etc" / "fstab").write_text("")

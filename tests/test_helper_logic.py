@@ -9,7 +9,7 @@ import os
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from conftest import load_script
+from conftest import load_script, write_tree
 
 helper = load_script("snf-image-helper.py", "snf_image_helper")
 
@@ -297,13 +297,7 @@ def test_mounted_under_deepest_first(tmp_path):
 ])
 def test_base_distro(tmp_path, monkeypatch, files, expected):
     monkeypatch.delenv("SNF_IMAGE_MONITOR", raising=False)
-    for name, content in files.items():
-        path = tmp_path / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if name.endswith("/"):
-            path.mkdir(exist_ok=True)
-        else:
-            path.write_text(content)
+    write_tree(tmp_path, files)
     assert helper.base_distro(str(tmp_path)) == expected
 
 

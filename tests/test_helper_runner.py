@@ -303,7 +303,7 @@ def test_worker_check_mode_touches_nothing(tmp_path, monkeypatch):
 @pytest.mark.parametrize("cmdline, message", [
     ("snf_image_activate_helper hypervisor=xen-hvm rules_dev=/dev/fd0",
      "ERROR: Unknown or unsupported hypervisor `xen-hvm' (this helper supports hypervisor=kvm)"),
-    ("snf_image_activate_helper hypervisor=kvm", "ERROR: rules_dev= is missing from the kernel command line"),
+    ("snf_image_activate_helper hypervisor=kvm", "ERROR: rules_serial= is missing from the kernel command line"),
 ])
 def test_worker_bad_command_line(tmp_path, monkeypatch, cmdline, message):
     monkeypatch.setattr(helper, "_monitor_fd", None)
@@ -323,3 +323,112 @@ def test_worker_reports_a_bug_as_one_line(tmp_path, monkeypatch):
     assert deployment.main() == helper.WORKER_FAILED
     assert (tmp_path / "result").read_text() == \
         "ERROR: Internal error of the helper: KeyError: 'surprise'\n"
+
+
+# -- Python tasks run in a fork of the runner ------------------------------------
+
+def python_task(setup, file_name, body, attributes="", shebang=None):
+    path = setup.tasks / file_name
+    path.write_text(f"#!{shebang or sys.executable}\n# snf-image-task: {attributes}\n"
+                    "import json, os, sys\n" + body + "\n")
+    path.chmod(0o755)
+    return path
+
+
+REPORT = ("with open(os.environ['LOG'], 'a') as log:\n"
+          "    log.write(json.dumps({'forked': '_pytest' in sys.modules,\n"
+          "                          'tasklib_preloaded': 'snf_image_tasklib' in sys.modules,\n"
+          "                          'env': dict(os.environ), 'argv': sys.argv, 'cwd': os.getcwd(),\n"
+          "                          'stdin': sys.stdin.read(), 'path0': sys.path[0],\n"
+          "                          'name': __name__, 'file': __file__}) + '\\n')\n")
+
+
+def reports(setup):
+    import json
+    return [json.loads(line) for line in setup.log_lines()]
+
+
+def test_python_task_runs_in_a_fork_with_the_task_environment(setup):
+    (setup.tasks / "snf_image_tasklib.py").symlink_to(REPO / "tasks.d/snf_image_tasklib.py")
+    path = python_task(setup, "50Python", REPORT + "print('to stdout'); print('to stderr', file=sys.stderr)")
+    setup.run({"CLOUD_INIT": "yes"})
+    (report,) = reports(setup)
+    assert report["forked"] and report["tasklib_preloaded"]
+    expected_env = dict(setup.env, TASKNAME="50Python", SNF_IMAGE_PROPERTY_CLOUD_INIT="yes",
+                        CLOUD_INIT_CONFNAME="98_snf-image-50Python.cfg")
+    assert report["env"] == expected_env          # exactly the task's, nothing of the runner's
+    assert report["argv"] == [str(path)] and report["cwd"] == "/" and report["stdin"] == ""
+    assert report["path0"] == str(setup.tasks) and report["name"] == "__main__"
+    assert report["file"] == str(path)
+    console = setup.console.getvalue()
+    assert "[50Python] to stdout" in console and "[50Python] to stderr" in console
+    assert setup.progress_lines() == ["TASK_START:Python", "TASK_END:Python"]
+
+
+def test_non_python_tasks_are_executed(setup):
+    python_task(setup, "10Options", REPORT, shebang=f"{sys.executable} -I")
+    python_task(setup, "20Python2", REPORT, shebang="/usr/bin/env python3")
+    setup.task("30Shell", "", 'echo "shell $TASKNAME $(cat /proc/$$/comm)" >> "$LOG"')
+    setup.run()
+    first, second, third = setup.log_lines()
+    assert not __import__("json").loads(first)["forked"]      # a shebang with options: exec'd
+    assert __import__("json").loads(second)["forked"]         # env python3: in the fork
+    assert third == "shell 30Shell 30Shell"
+
+
+@pytest.mark.parametrize("body, message, last_progress", [
+    ("sys.exit(3)", r"^Task Bad failed \(exit code 3\)$", "STDERR:1:before"),
+    ("sys.exit('a message')", r"^Task Bad failed \(exit code 1\)$", "a message"),
+    ("print('ERROR: told why', file=sys.stderr); sys.exit(2)", "^told why$", "ERROR:told why"),
+    ("raise ValueError('broken task')", r"^Task Bad failed \(exit code 1\)$",
+     "ValueError: broken task"),
+    ("sys.path.insert(0, os.environ['SNF_IMAGE_HELPER_LIB'])\n"
+     "import snf_image_helper as helper\nhelper.die('through the library')",
+     "^through the library$", "ERROR:through the library"),
+    ("import signal\nos.kill(os.getpid(), signal.SIGKILL)",
+     r"^Task Bad failed \(killed by signal SIGKILL\)$", "STDERR:1:before"),
+    ("sys.exit(0)", None, None),
+    ("os._exit(0)", None, None),
+    ("raise SystemExit", None, None),
+])
+def test_python_task_exit_status_and_stderr_tail(setup, body, message, last_progress):
+    python_task(setup, "20Bad", "print('before', file=sys.stderr)\n" + body)
+    python_task(setup, "30Next", "open(os.environ['LOG'], 'a').write('next ran\\n')")
+    if message is None:
+        setup.run()
+        assert setup.log_lines() == ["next ran"]
+        return
+    with pytest.raises(helper.TaskFailed, match=message):
+        setup.run()
+    assert setup.log_lines() == []
+    progress = setup.progress_lines()
+    assert progress[-1] == last_progress
+    if not last_progress.startswith("ERROR:"):      # the tail starts with the first stderr line
+        assert any(line.startswith("STDERR:") and line.endswith(":before") for line in progress)
+
+
+def test_python_tasks_do_not_leak_into_each_other_or_the_runner(setup):
+    python_task(setup, "10Dirty", "os.environ['LEAK'] = 'x'; sys.modules['leaked'] = sys; os.chdir('/tmp')")
+    python_task(setup, "20Clean", "open(os.environ['LOG'], 'a').write("
+                "f\"{'LEAK' in os.environ} {'leaked' in sys.modules} {os.getcwd()}\\n\")")
+    cwd = os.getcwd()
+    setup.run()
+    assert setup.log_lines() == ["False False /"]
+    assert "leaked" not in sys.modules and "LEAK" not in os.environ and os.getcwd() == cwd
+
+
+def test_python_task_overwrite_protocol(setup):
+    python_task(setup, "50Thing", "open(os.environ['LOG'], 'a').write("
+                "f\"original {os.environ['OVERWRITTEN_TASK']} {'_pytest' in sys.modules}\\n\")",
+                attributes="mounted_excludable overwritable")
+    script = setup.overwrite("overwrite_task_thing", 'echo "script $1" >> "$LOG"; [ "$1" = post-exec ] || exit 101')
+    setup.run({"ALLOW_MOUNTED_TASK_OVERWRITING": "yes"})
+    assert setup.log_lines() == ["script pre-exec", f"original {script} True", "script post-exec"]
+    assert setup.progress_lines()[-1] == "TASK_END:Thing"
+
+
+def test_python_task_background_child_does_not_hang(setup):
+    python_task(setup, "20Daemon", "import subprocess\nsubprocess.Popen(['sleep', '3'])\n"
+                "open(os.environ['LOG'], 'a').write('started\\n')")
+    setup.run()
+    assert setup.log_lines() == ["started"]

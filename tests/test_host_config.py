@@ -3,6 +3,7 @@ validation (verify), run both in-process and through the real os-def/verify
 wrapper with the environment Ganeti 3 passes."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -341,21 +342,38 @@ def test_unknown_config_key_warns_with_the_closest_known_key(capfd):
     err = capfd.readouterr().err
     assert "unknown key HELPER_SOFT_TIMOUT (did you mean HELPER_SOFT_TIMEOUT?)" in err
     assert "unknown key BOGUS_SETTING (ignored)" in err
-    # OS parameters preset by a variant, builder-only keys and settings are known
+    # OS parameters preset by a variant, the builder's keys and settings are known
     assert "IMG_ID" not in err and "MULTISTRAP_CONFIG" not in err and "HARD" not in err
     assert config.HELPER_SOFT_TIMEOUT == host.finalize_config({}).HELPER_SOFT_TIMEOUT
 
 
 def test_example_configuration_has_only_known_keys():
-    import re
     keys = set(re.findall(r"^#? ?([A-Z][A-Z0-9_]*)=", (REPO / "defaults.example").read_text(), re.M))
     assert keys and keys <= host.KNOWN_CONFIG_KEYS
 
 
-def test_every_builder_setting_is_known_to_the_host():
-    """BUILDER_ONLY_SETTINGS and the host's SETTINGS together cover the
-    builder's table, so no key the builder reads draws an unknown-key warning."""
+def test_every_setting_says_who_reads_it():
+    assert {s.readers for s in host.SETTINGS} <= {host.HOST, host.BUILDER, host.BOTH}
+    assert len(host.SETTINGS_BY_NAME) == len(host.SETTINGS)
+    for setting in host.SETTINGS:
+        assert setting.read_by(host.HOST) or setting.read_by(host.BUILDER)
+        setting.convert(setting.default)          # every default passes its own check
+
+
+def _keys_used_by(source):
+    return set(re.findall(r"config\.([A-Z][A-Z0-9_]+)", source)) | \
+        set(re.findall(r'programs\["([A-Z][A-Z0-9_]+)"\]', source))
+
+
+def test_the_readers_column_matches_the_code():
+    """A key the host or the builder reads is marked as read by it; a key
+    marked as the builder's alone is really used by the builder."""
     builder = load_script("snf-image-update-helper.py")
-    builder_keys = {row[0] for row in builder.SETTINGS_TABLE}
-    assert builder_keys <= host.KNOWN_CONFIG_KEYS
-    assert set(host.BUILDER_ONLY_SETTINGS) <= builder_keys
+    builder_keys = _keys_used_by((REPO / "snf-image-update-helper.py").read_text()) \
+        | {key for _option, key, _help in builder.CONFIG_OPTIONS}
+    host_keys = _keys_used_by((REPO / "snf-image-host.py").read_text())
+    assert builder_keys and host_keys
+    assert builder_keys <= {s.name for s in host.SETTINGS if s.read_by(host.BUILDER)}
+    assert host_keys <= {s.name for s in host.SETTINGS if s.read_by(host.HOST)}
+    assert {s.name for s in host.SETTINGS if s.readers == host.BUILDER} <= builder_keys
+    assert not hasattr(builder, "parse_config_text") and not hasattr(builder, "SETTINGS_TABLE")

@@ -252,6 +252,17 @@ def test_helper_command_line(tmp_path):
     assert argv.count("-serial") == 4 and "file:/proc/self/fd/6" in argv and argv[-3] == "null"
     assert "readonly=on" in joined and "snf_image_activate_helper" in joined
     assert "snf_image_debug_helper" not in joined
+    # the rules travel on a read-only virtio disk found by its serial (no floppy controller)
+    assert "file=/run/x/floppy.img,format=raw,if=none,id=rules,readonly=on" in joined
+    assert "virtio-blk-pci,drive=rules,serial=snf-rules" in joined and "rules_serial=snf-rules" in joined
+    assert "if=floppy" not in joined and "rules_dev" not in joined
+    # the root disk comes first, so that it is /dev/vda
+    assert joined.index("serial=snf-helper-root") < joined.index("serial=snf-disk0")
+    append = argv[argv.index("-append") + 1].split()
+    assert {"quiet", "panic=-1", "mitigations=off", "init=/usr/bin/snf-image-helper"} <= set(append)
+    firmware = host.helper_firmware()
+    assert (["-bios", firmware] == argv[argv.index("-bios"):argv.index("-bios") + 2]) if firmware \
+        else "-bios" not in argv
     debug = host.helper_command(host.finalize_config({"HELPER_DEBUG": "yes"}), "/h", "kvm", disks, "/f",
                                 {"console": 5, "result": 6, "progress": 7})
     assert "snf_image_debug_helper" in " ".join(debug) and "pty" in debug
@@ -334,7 +345,8 @@ def test_sigterm_kills_qemu_and_removes_temp_files(tmp_path):
     qemu_pid = None
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        children = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()
+        children = subprocess.run(["pgrep", "-P", str(process.pid), "qemu"], capture_output=True,
+                                  text=True).stdout.split()
         if children:
             qemu_pid = int(children[0])
             break
@@ -356,6 +368,50 @@ def test_answer_file_outside_image_dir_is_refused(tmp_path):
     config = host.finalize_config({"IMAGE_DIR": str(tmp_path / "images")})
     (tmp_path / "images").mkdir()
     with pytest.raises(host.SnfError, match="inside IMAGE_DIR"):
-        host.fetch_answer_file("file:///etc/shadow", config.IMAGE_DIR)
+        host.fetch_answer_file("file:///etc/shadow", config.IMAGE_DIR, 5)
     with pytest.raises(host.SnfError, match="inside IMAGE_DIR"):
-        host.fetch_answer_file(f"file://{tmp_path}/images/../x.xml", config.IMAGE_DIR)
+        host.fetch_answer_file(f"file://{tmp_path}/images/../x.xml", config.IMAGE_DIR, 5)
+
+
+@pytest.mark.parametrize("outcome, expected", [
+    (dict(exit_code=0, result=b"SUCCESS\n"), None),
+    (dict(exit_code=0, result=b"SUCCESS\r\nmore"), None),
+    (dict(exit_code=0, result=b"ERROR: no root file system\n"),
+     "customization failed inside the helper VM: no root file system"),
+    (dict(exit_code=0, result=b"garbage"), "unexpected result: 'garbage'"),
+    (dict(exit_code=0, console_tail=["booting", "Kernel panic"]),
+     "without reporting a result (last console line: Kernel panic)"),
+    (dict(exit_code=0), "last console line: no console output"),
+    (dict(exit_code=1, result=b"SUCCESS\n", qemu_tail=["could not open disk"]),
+     "crashed (qemu exit status 1): could not open disk"),
+    (dict(exit_code=-9, timed_out="killed", result=b"SUCCESS\n"), "within HELPER_SOFT_TIMEOUT (7 s) and was killed"),
+])
+def test_helper_outcome_names_the_reason(outcome, expected):
+    config = host.finalize_config({"HELPER_SOFT_TIMEOUT": "7"})
+    fields = dict(result=b"", timed_out=None, console_tail=[], qemu_tail=[]) | outcome
+    if expected is None:
+        host._check_helper_outcome(host.HelperOutcome(**fields), config)
+        return
+    with pytest.raises(host.SnfError) as error:
+        host._check_helper_outcome(host.HelperOutcome(**fields), config)
+    assert expected in str(error.value) and error.value.exit_code == 3
+
+
+def test_the_helper_command_line_has_one_owner(tmp_path):
+    """The builder's --check boot and the benchmark use the host's
+    helper_command; nothing else in the product spells the command line."""
+    from types import SimpleNamespace
+    builder = load_script("snf-image-update-helper.py")
+    settings = SimpleNamespace(programs={"QEMU": ["qemu-system-x86_64"]}, memory=300, user="nobody")
+    argv = builder.qemu_command(settings, tmp_path, "tcg", tmp_path, append_extra=("snf_image_check_helper",))
+    config = host.finalize_config({"HELPER_MEMORY": "300", "HELPER_USER": "nobody" if os.geteuid() == 0 else "root"})
+    assert argv == host.helper_command(config, str(tmp_path), "tcg", [], None,
+                                       {"console": str(tmp_path / "console"), "result": str(tmp_path / "result")},
+                                       extra_append=("snf_image_check_helper",))
+    assert "snf_image_activate_helper" not in " ".join(argv)       # a check boot touches no disk
+    assert builder.HELPER_INIT == host.HELPER_INIT and builder.ROOT_SERIAL == host.HELPER_ROOT_SERIAL
+    spelled = [path.relative_to(REPO).as_posix() for path in sorted(REPO.rglob("*.py"))
+               if "tests" not in path.relative_to(REPO).parts
+               and any(marker in path.read_text(errors="replace")
+                       for marker in ("drive=helperroot", "rootfstype=ext4", "panic=-1"))]
+    assert spelled == ["snf-image-host.py"]

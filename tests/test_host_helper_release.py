@@ -54,7 +54,7 @@ PROBLEMS = [
     ("bad-manifest", "is broken (unreadable manifest.json)"),
     ("altered", "is broken (image does not match its sha256 in manifest.json)"),
     ("no-vmlinuz", "is broken (vmlinuz listed in manifest.json is missing)"),
-    ("older", f"is older than this node's snf-image (built for 0.23.1, the node runs {host.VERSION})"),
+    ("older", f"is older than this node's snf-image (built for 0.23.1, the node runs {host.SNF_IMAGE_VERSION})"),
 ]
 
 

@@ -97,7 +97,8 @@ def test_export_import_loop_devices(tmp_path, os_dir, conf):
 
 
 def disk_fd_flags(pid, path, timeout=120):
-    """open(2) flags of the fd that process pid holds on path (from /proc/PID/fdinfo)."""
+    """open(2) flags of the fd that process pid holds on path for its data (from
+    /proc/PID/fdinfo); the fd of the disk lock (O_NONBLOCK, read-only) is passed over."""
     deadline = time.monotonic() + timeout      # generous: the machine may be busy
     while time.monotonic() < deadline:
         try:
@@ -108,7 +109,9 @@ def disk_fd_flags(pid, path, timeout=120):
             try:
                 if os.readlink(f"/proc/{pid}/fd/{fd}") == str(path):
                     text = open(f"/proc/{pid}/fdinfo/{fd}").read()
-                    return int(text.split("flags:")[1].split()[0], 8)
+                    flags = int(text.split("flags:")[1].split()[0], 8)
+                    if not flags & os.O_NONBLOCK:
+                        return flags
             except OSError:
                 continue
         time.sleep(0.05)

@@ -27,3 +27,19 @@ def test_pyflakes_clean():
     result = subprocess.run([sys.executable, "-m", "pyflakes", *map(str, python_sources())],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_tools_do_not_import_tests():
+    """One-way dependencies: tests may use tools/, tools never use tests/."""
+    import ast
+    test_modules = {path.stem for path in REPO.glob("tests/*.py")}
+    for path in sorted(REPO.glob("tools/*.py")):
+        source = path.read_text()
+        imported = set()
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                imported.add(node.module.split(".")[0])
+        assert not imported & test_modules, f"{path.name} imports {imported & test_modules}"
+        assert '"tests"' not in source and "'tests'" not in source, f"{path.name} reaches into tests/"

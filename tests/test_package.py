@@ -27,7 +27,7 @@ from test_ganeti import (OS_NAME, cluster, disk_size_for, gnt_instance_add, imag
 pytestmark = [pytest.mark.ganeti, pytest.mark.slow, pytest.mark.qemu, pytest.mark.root]
 
 MODULE_FIXTURES = (cluster, timings)    # the Ganeti suite's cluster, shared
-VERSION = load_script("snf-image-host.py").VERSION
+VERSION = load_script("snf-image-host.py").SNF_IMAGE_VERSION
 PACKAGE = "snf-image"
 OS_DIR = Path("/usr/share/ganeti/os/snf-image")
 BUILDER = Path("/usr/sbin/snf-image-update-helper")

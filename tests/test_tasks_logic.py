@@ -112,15 +112,18 @@ def test_hash_password_uses_fresh_salts_and_verifies():
     assert first != second and first.startswith("$6$")
     assert CRYPT("secret", first) == first
     assert CRYPT("secret", PASSWORD.hash_password("secret", "md5")).startswith("$1$")
+    assert CRYPT("secret", PASSWORD.hash_password("secret", "blowfish")).startswith("$2b$")
     with pytest.raises(TaskError, match="not supported"):
-        PASSWORD.hash_password("secret", "blowfish")
+        PASSWORD.hash_password("secret", "sha1")
 
 
 def test_hashing_method_choice():
-    assert PASSWORD.choose_method(None, None) == "sha512"
-    assert PASSWORD.choose_method(None, "ENCRYPT_METHOD SHA256\n") == "sha256"
-    assert PASSWORD.choose_method(None, "# ENCRYPT_METHOD MD5\nENCRYPT_METHOD YESCRYPT\n") == "sha512"
-    assert PASSWORD.choose_method("MD5", "ENCRYPT_METHOD SHA256") == "md5"
+    assert PASSWORD.choose_method(None, None) == ("sha512", False)
+    assert PASSWORD.choose_method(None, "ENCRYPT_METHOD SHA256\n") == ("sha256", False)
+    assert PASSWORD.choose_method(None, "# ENCRYPT_METHOD MD5\nENCRYPT_METHOD YESCRYPT\n") == \
+        ("yescrypt", False)
+    assert PASSWORD.choose_method(None, "ENCRYPT_METHOD DES\n") == ("sha512", False)
+    assert PASSWORD.choose_method("MD5", "ENCRYPT_METHOD SHA256") == ("md5", True)
     with pytest.raises(TaskError, match="Invalid PASSWD_HASHING_METHOD"):
         PASSWORD.choose_method("rot13", None)
 
@@ -265,6 +268,21 @@ def test_the_partition_ending_last_grows_not_the_highest_number():
     assert plan("gpt", parts, (2, 16))[-1] == C(2, END - 16 * MIB, 16 * MIB, FIX.GPT_SWAP_TYPE)
     assert FIX.last_partition("dos", [P(1, 2048, MIB, "83"), P(2, 10 * MIB, MIB, "83"),
                                       P(3, 5 * MIB, MIB, "83")]) == 2
+
+
+def test_logical_partitions_need_an_extended_one():
+    for parts in ([P(1, 2048, MIB, "83"), P(5, 2 * MIB, MIB, "83")], [P(5, 2048, MIB, "83")]):
+        with pytest.raises(TaskError, match="without an extended partition"):
+            plan("dos", parts)
+
+
+def test_the_task_grows_the_partition_the_helper_names():
+    """One rule: the partition grown is SNF_IMAGE_RESIZE_PART's (partition_to_resize)."""
+    parts = [P(1, 2048, MIB, "83"), P(2, 4 * MIB, 10 * MIB, "5"), P(5, 5 * MIB, MIB, "83"),
+             P(6, 7 * MIB, MIB, "83"), P(3, 2 * MIB, MIB, "83")]
+    table = {"label": "dos", "partitions": [p._asdict() for p in parts]}
+    assert FIX.last_partition("dos", parts) == HELPER.partition_to_resize(table) == 6
+    assert [c.number for c in plan("dos", parts)] == [2, 6]
 
 
 def test_growing_over_another_partition_is_refused():

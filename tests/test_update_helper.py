@@ -13,13 +13,14 @@ import os
 import re
 import struct
 import subprocess
+import sys
 import tarfile
 import threading
 from pathlib import Path
 
 import pytest
 
-from conftest import load_script, require_programs
+from conftest import REPO, load_script, require_programs
 from helpervm import fake_release
 
 builder = load_script("snf-image-update-helper.py")
@@ -29,35 +30,6 @@ HelperError = builder.HelperError
 # ---------------------------------------------------------------------------
 # configuration
 # ---------------------------------------------------------------------------
-
-def test_config_syntax_forms():
-    text = """
-# comment
-HELPER_DEBIAN_SUITE="bookworm"
-export HELPER_DEBIAN_MIRROR='http://mirror.example.org/debian'
-HELPER_MEMORY=512   # trailing comment
-
-EMPTY=
-QUOTED="a \\"b\\" c"
-"""
-    values = builder.parse_config_text(text)
-    assert values == {"HELPER_DEBIAN_SUITE": "bookworm",
-                      "HELPER_DEBIAN_MIRROR": "http://mirror.example.org/debian",
-                      "HELPER_MEMORY": "512", "EMPTY": "", "QUOTED": 'a "b" c'}
-
-
-def test_config_is_not_executed(tmp_path):
-    marker = tmp_path / "executed"
-    values = builder.parse_config_text(f'MULTISTRAP="$(touch {marker})"\nQEMU="`touch {marker}`"\n')
-    assert not marker.exists()
-    assert values["MULTISTRAP"] == f"$(touch {marker})"
-
-
-@pytest.mark.parametrize("line", ["HELPER_DIR=/a /b", "not a setting", "X=\"unterminated"])
-def test_config_bad_lines_name_the_line(line):
-    with pytest.raises(HelperError, match=r"line 2"):
-        builder.parse_config_text("# first\n" + line + "\n", "cfg")
-
 
 def settings_from(argv, config_text, tmp_path):
     config = tmp_path / "snf-image.conf"
@@ -74,7 +46,7 @@ def test_settings_from_config_file_and_command_line(tmp_path):
     assert settings.mirror == "http://m.example/debian"
     assert settings.helper_dir == tmp_path / "hd"
     assert settings.cache_dir == tmp_path / "hd" / "cache"
-    assert settings.programs["MULTISTRAP"] == "/opt/ms"
+    assert settings.programs["MULTISTRAP"] == ["/opt/ms"]
     settings = settings_from(["--suite", "trixie", "--helper-dir", str(tmp_path / "other"),
                               "--cache-dir", str(tmp_path / "c"), "--tasks", str(tmp_path)],
                              config, tmp_path)
@@ -96,13 +68,41 @@ def test_settings_defaults(tmp_path):
                                     'HELPER_DEBIAN_MIRROR="http://a/debian suite=x"',
                                     'HELPER_DEBIAN_MIRROR="mirror.example.org/debian"'])
 def test_settings_reject_bad_values(tmp_path, config):
-    with pytest.raises(HelperError):
+    with pytest.raises(builder.ConfigError) as error:
         settings_from([], config, tmp_path)
+    assert error.value.exit_code == 2 and config.split("=")[0] in str(error.value)
 
 
-def test_mirror_with_newline_on_command_line_is_rejected(tmp_path):
-    with pytest.raises(HelperError, match="MIRROR"):
-        settings_from(["--mirror", "http://a/debian\nsuite=sid"], "", tmp_path)
+@pytest.mark.parametrize("argv, key", [
+    (["--mirror", "http://a/debian\nsuite=sid"], "HELPER_DEBIAN_MIRROR"),
+    (["--memory", "-1"], "HELPER_MEMORY"), (["--memory", "0x10"], "HELPER_MEMORY"),
+    (["--user", "root;id"], "HELPER_USER"), (["--suite", "Trixie"], "HELPER_DEBIAN_SUITE"),
+])
+def test_command_line_values_are_checked_like_the_file(tmp_path, argv, key):
+    with pytest.raises(builder.ConfigError) as error:
+        settings_from(argv, "", tmp_path)
+    assert f"invalid configuration value {key}=" in str(error.value)
+
+
+def test_program_settings_are_argument_lists(tmp_path):
+    settings = settings_from([], 'MKFS_EXT4="/opt/mkfs.ext4 -q"\nQEMU=qemu-kvm\n', tmp_path)
+    assert settings.programs["MKFS_EXT4"] == ["/opt/mkfs.ext4", "-q"]
+    assert settings.programs["QEMU"] == ["qemu-kvm"]
+    assert set(settings.programs) == {"MULTISTRAP", "MKFS_EXT4", "DEPMOD", "QEMU", "ZSTD", "CP", "CHROOT"}
+
+
+def test_builder_finds_the_host_module_through_its_search_list(tmp_path):
+    assert builder.HOST_PROGRAM_DIRS[0] == REPO
+    assert builder.host_program_dirs({"SNF_IMAGE_HOST_DIRS": f"{tmp_path}:/x"}) == (tmp_path, Path("/x"))
+    with pytest.raises(builder.ConfigError, match="cannot find snf-image-host.py") as error:
+        builder.load_host_module({"SNF_IMAGE_HOST_DIRS": str(tmp_path)})
+    assert error.value.exit_code == 2
+    assert builder.load_host_module({}).SNF_IMAGE_VERSION == builder.SNF_IMAGE_VERSION
+    result = subprocess.run([sys.executable, str(REPO / "snf-image-update-helper.py"), "--help"],
+                            env={"PATH": "/usr/bin:/bin", "SNF_IMAGE_HOST_DIRS": str(tmp_path)},
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith("Error: cannot find snf-image-host.py") and result.stderr.count("\n") == 1
 
 
 def test_mirror_from_deb822_sources_skips_security(tmp_path):
@@ -340,13 +340,25 @@ def test_read_module_decompresses(tmp_path):
     assert builder.read_module(tmp_path / "c.ko") == b"\x7fELFplain"
 
 
+def test_module_signature_is_stripped():
+    import struct
+    body = b"\x7fELF" + bytes(100)
+    signature = b"S" * 37
+    info = bytes(8) + struct.pack(">I", len(signature))
+    signed = body + signature + info + builder.MODULE_SIGNATURE_MAGIC
+    assert builder.without_signature(signed) == body
+    assert builder.without_signature(body) == body
+    with pytest.raises(HelperError, match="signature"):
+        builder.without_signature(b"\x7fE" + struct.pack(">I", 1000) + builder.MODULE_SIGNATURE_MAGIC)
+
+
 # ---------------------------------------------------------------------------
 # releases: manifest, export/import, atomic switch
 # ---------------------------------------------------------------------------
 
 def helper_settings(tmp_path, helper_dir):
     args = builder.build_arg_parser().parse_args(["--helper-dir", str(helper_dir)])
-    return builder.load_settings(args, environ={"SNF_IMAGE_CONFIG": str(tmp_path / "none")})
+    return builder.load_settings(args, environ={"SNF_IMAGE_CONFIG": "/dev/null"})
 
 
 def test_export_import_round_trip(tmp_path):
@@ -491,15 +503,21 @@ def test_failed_root_stage_leaves_no_cache_and_no_release(tmp_path, capsys, monk
     assert not (tmp_path / "hd" / "current").exists()
 
 
-def test_installed_builder_takes_helper_and_tasks_from_datadir(tmp_path):
+def test_installed_builder_takes_helper_and_tasks_from_datadir(tmp_path, monkeypatch):
     """Installed as $(SBINDIR)/snf-image-update-helper (no checkout around it),
-    the builder installs $(DATADIR)/helper/{snf-image-helper.py,tasks.d}."""
+    the builder installs $(DATADIR)/helper/{snf-image-helper.py,tasks.d} and
+    reads the configuration through the OS definition's snf-image-host.py."""
     installed = tmp_path / "sbin" / "snf-image-update-helper"
     installed.parent.mkdir()
     installed.write_bytes((Path(builder.__file__)).read_bytes())
+    os_dir = tmp_path / "os" / "snf-image"
+    os_dir.mkdir(parents=True)
+    (os_dir / "snf-image-host.py").write_bytes((REPO / "snf-image-host.py").read_bytes())
+    monkeypatch.setenv("SNF_IMAGE_HOST_DIRS", f"{tmp_path / 'nothing'}:{os_dir}")
     loader = importlib.machinery.SourceFileLoader("installed_builder", str(installed))
     module = importlib.util.module_from_spec(importlib.util.spec_from_loader("installed_builder", loader))
     loader.exec_module(module)
+    assert module.host_program.__file__ == str(os_dir / "snf-image-host.py")
     program, tasks = module.default_helper_sources()
     assert program == Path("/usr/local/share/snf-image/helper/snf-image-helper.py")
     assert tasks == Path("/usr/local/share/snf-image/helper/tasks.d")

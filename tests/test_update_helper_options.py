@@ -28,6 +28,7 @@ BUILD_ID = "20260101T000000Z-0123abcd"
 @pytest.fixture
 def isolated(tmp_path, monkeypatch):
     """No site configuration leaks in: both configuration files are private."""
+    (tmp_path / "snf-image.conf").write_text("")
     monkeypatch.setenv("SNF_IMAGE_CONFIG", str(tmp_path / "snf-image.conf"))
     monkeypatch.setenv("SNF_IMAGE_UPDATE_HELPER_CONFIG", str(tmp_path / "update-helper.conf"))
     return tmp_path
@@ -118,7 +119,7 @@ def test_helper_url_of_the_configuration_is_the_default_action(exported, isolate
 
 
 @pytest.mark.parametrize("setup, message", [
-    (dict(archive_kind="cut"), "broke off|does not match"),
+    (dict(archive_kind="cut"), "download cut|does not match"),
     (dict(checksum=b"0" * 64 + b"  helper.tar.gz\n"), "does not match"),
     (dict(checksum=b"<html>not found</html>\n"), "holds no sha256"),
     (dict(checksum_kind="missing"), "HTTP 404"),
@@ -137,14 +138,20 @@ def test_bad_download_changes_nothing(exported, isolated, http_server, capsys, s
     assert sorted(p.name for p in (target / "releases").iterdir()) == ["20250101T000000Z-00000001"]
 
 
-@pytest.mark.parametrize("url, message", [
-    ("ftp://127.0.0.1/helper.tar", "must be http://, https:// or file://"),
-    ("http://user:secret@127.0.0.1:9/helper.tar", "must not carry credentials"),
-])
-def test_unusable_urls_are_refused_in_one_line(isolated, capsys, url, message):
-    assert run_main("--helper-dir", isolated / "node", "-u", url) == 1
-    line = one_error_line(capsys)
-    assert message in line and "secret" not in line
+def test_unusable_scheme_is_refused_in_one_line(isolated, capsys):
+    assert run_main("--helper-dir", isolated / "node", "-u", "ftp://127.0.0.1/helper.tar") == 1
+    assert "must be http://, https:// or file://" in one_error_line(capsys)
+
+
+def test_credentials_in_the_url_are_never_shown(exported, isolated, http_server, capsys):
+    url = publish(http_server, exported).replace("http://", "http://site:Canary-Pw-77@")
+    target = isolated / "node"
+    assert run_main("-y", "--helper-dir", target, "-u", url) == 0
+    assert installed_build_id(target) == BUILD_ID
+    missing = url.replace("helper.tar.gz", "absent.tar.gz")
+    assert run_main("-y", "--helper-dir", target, "-u", missing) == 1
+    shown = capsys.readouterr()
+    assert "Canary-Pw-77" not in shown.out + shown.err and "HTTP 404" in shown.err
 
 
 def test_original_helper_archive_is_refused_with_what_to_do(isolated, capsys):

@@ -18,8 +18,6 @@ demo guest is on a qemu user-mode network with restrict=on.
 
 import argparse
 import getpass
-import hashlib
-import importlib.util
 import json
 import os
 import secrets
@@ -30,7 +28,9 @@ import time
 import uuid
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+import helpervm
+from repository import REPO, load_script
+
 CACHE_DIR = Path(os.environ.get("SNF_IMAGE_TEST_CACHE", "/var/cache/snf-image-tests"))
 DEMO_DIR = Path(os.environ.get("SNF_IMAGE_DEMO_DIR", "/var/tmp/snf-image-demo"))
 INSTANCE = "demo-vm.example.org"
@@ -50,46 +50,19 @@ def step(text):
     print(f"\n==> {text}", flush=True)
 
 
-def load(path, name):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 # ----------------------------------------------------------------- artifacts
 
-def helper_inputs_hash(tasks_dir):
-    digest = hashlib.sha256()
-    for path in [REPO / "snf-image-update-helper.py", REPO / "snf-image-helper.py",
-                 *sorted(Path(tasks_dir).iterdir())]:
-        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
-    return digest.hexdigest()
-
-
-def ensure_helper(helper_dir, tasks_dir=REPO / "tasks.d", quiet=False):
-    """Build the helper with the real builder unless an up-to-date one is there."""
-    stamp = helper_dir / ".built-from"
-    wanted = helper_inputs_hash(tasks_dir)
-    if (helper_dir / "current" / "manifest.json").exists() and stamp.exists() \
-            and stamp.read_text() == wanted:
-        if not quiet:
-            print(f"helper VM up to date in {helper_dir}")
-        return helper_dir
-    argv = [sys.executable, str(REPO / "snf-image-update-helper.py"), "--build", "-y",
-            "--helper-dir", str(helper_dir), "--cache-dir", str(CACHE_DIR / "helper-root-cache"),
-            "--tasks", str(tasks_dir), "--helper-program", str(REPO / "snf-image-helper.py")]
-    result = subprocess.run(argv, env=dict(os.environ, SNF_IMAGE_CONFIG="/dev/null"),
-                            stdout=subprocess.DEVNULL if quiet else None)
-    if result.returncode != 0:
-        raise DemoError(f"building the helper VM failed (exit status {result.returncode})")
-    stamp.write_text(wanted)
-    return helper_dir
+def ensure_helper():
+    """The helper VM built by the real builder, cached as the tests cache it
+    (tools/helpervm.py: rebuilt only when the builder, helper or tasks change)."""
+    try:
+        return helpervm.built_helper_dir(show_progress=True)
+    except RuntimeError as error:
+        raise DemoError(f"building the helper VM failed: {str(error).splitlines()[0]}") from None
 
 
 def ensure_image(layout="mbr"):
-    builder = load(REPO / "tools" / "build-test-image.py", "build_test_image")
+    builder = load_script("tools/build-test-image.py", "build_test_image")
     try:
         return builder.cached_image(layout, CACHE_DIR / "images")
     except builder.BuildError as error:
@@ -227,7 +200,7 @@ def main(argv=None):
         started = time.monotonic()
 
         step("1/5 helper VM (snf-image-update-helper.py)")
-        helper_dir = ensure_helper(work / "helper")
+        helper_dir = ensure_helper()
 
         step("2/5 Debian image (tools/build-test-image.py: bookworm, MBR, ext4, extlinux)")
         image = ensure_image("mbr")
@@ -248,7 +221,7 @@ def main(argv=None):
         print(f"create finished in {seconds:.1f} s")
 
         step("4/5 boot the deployed disk under qemu TCG and read the guest's own report")
-        guest = load(REPO / "tests" / "guest.py", "snf_demo_guest")
+        guest = load_script("tools/guest.py", "guest")
         try:
             report = guest.boot(disk, [guest.Nic(NIC_MAC)], keep_dir=work / "first-boot")
         except guest.GuestError as error:

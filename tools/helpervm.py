@@ -1,4 +1,5 @@
-"""The helper VM for the tests: built once by the real builder, cached.
+"""The helper VM for the tests and the benchmarks: built once by the real
+builder, cached.
 
 `built_helper_dir(tasks_dir=None)` returns a HELPER_DIR (with `current`,
 `kernel`, `initrd`, `image` as `create` expects) built by
@@ -9,7 +10,7 @@ slow root stage (multistrap + kernel) is shared by all of them in
 SNF_IMAGE_TEST_CACHE/helper-root-cache/, so another task set costs seconds.
 A file lock keeps two test processes from building at once.
 
-Use from a test module:
+Use from a test module (conftest puts tools/ on sys.path) or a tool:
 
     from helpervm import built_helper_dir   # (helper_vm_dir is a conftest fixture)
 
@@ -17,7 +18,7 @@ Use from a test module:
     def test_other(tmp_path):
         helper_dir = built_helper_dir(tasks_dir=my_tasks)   # another task set
 
-Command line: `python3 tests/helpervm.py [TASKS_DIR]` builds if needed and
+Command line: `python3 tools/helpervm.py [TASKS_DIR]` builds if needed and
 prints the HELPER_DIR.
 """
 
@@ -26,13 +27,13 @@ import hashlib
 import json
 import os
 import shutil
-import stat
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from repository import REPO, load_script
+
 BUILDER = REPO / "snf-image-update-helper.py"
 HELPER_PROGRAM = REPO / "snf-image-helper.py"
 DEFAULT_TASKS = REPO / "tasks.d"
@@ -46,21 +47,6 @@ def cache_dir():
     return Path(os.environ.get("SNF_IMAGE_TEST_CACHE", "/var/cache/snf-image-tests"))
 
 
-def _hash_tree(digest, root):
-    root = Path(root)
-    if not root.exists():
-        digest.update(b"<absent>")
-        return
-    for path in sorted(root.rglob("*")):
-        info = path.lstat()
-        digest.update(f"{path.relative_to(root).as_posix()}\0{stat.S_IMODE(info.st_mode) & 0o111:o}\0".encode())
-        if path.is_symlink():
-            digest.update(os.readlink(path).encode())
-        elif path.is_file():
-            digest.update(path.read_bytes())
-        digest.update(b"\0")
-
-
 def inputs_hash(tasks_dir=None):
     """Hash of everything the helper is built from (builder, helper, tasks, suite)."""
     digest = hashlib.sha256()
@@ -68,7 +54,8 @@ def inputs_hash(tasks_dir=None):
     for path in (BUILDER, HELPER_PROGRAM):
         digest.update(path.read_bytes() if path.exists() else b"<absent>")
         digest.update(b"\0")
-    _hash_tree(digest, Path(tasks_dir) if tasks_dir else DEFAULT_TASKS)
+    builder = load_script(BUILDER.name)
+    builder.hash_tree(digest, Path(tasks_dir) if tasks_dir else DEFAULT_TASKS)
     return digest.hexdigest()[:16]
 
 
@@ -114,9 +101,10 @@ def _prune_old(keep_path):
             shutil.rmtree(old, ignore_errors=True)
 
 
-def built_helper_dir(tasks_dir=None):
+def built_helper_dir(tasks_dir=None, show_progress=False):
     """HELPER_DIR of a helper built with tasks_dir (default: the repository's
-    tasks.d), built by the real builder on first use and cached."""
+    tasks.d), built by the real builder on first use and cached. With
+    show_progress the builder's progress lines go to our stdout."""
     tasks = Path(tasks_dir).resolve() if tasks_dir else DEFAULT_TASKS
     key = inputs_hash(tasks)
     helper_dir = cache_dir() / f"helper-{key}"
@@ -128,13 +116,16 @@ def built_helper_dir(tasks_dir=None):
                     "--cache-dir", str(cache_dir() / "helper-root-cache"),
                     "--suite", SUITE, "--tasks", str(tasks),
                     "--helper-program", str(HELPER_PROGRAM)]
-            env = dict(os.environ, SNF_IMAGE_CONFIG="/dev/null")
-            proc = subprocess.run(argv, capture_output=True, text=True, env=env,
+            no_settings = cache_dir() / "empty.conf"     # a regular file: /dev/null is refused
+            no_settings.write_text("")
+            env = dict(os.environ, SNF_IMAGE_CONFIG=str(no_settings))
+            proc = subprocess.run(argv, stdout=None if show_progress else subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, env=env,
                                   timeout=BUILD_TIMEOUT, check=False)
             if proc.returncode != 0 or not _is_complete(helper_dir):
                 shutil.rmtree(helper_dir, ignore_errors=True)
                 raise RuntimeError(f"helper build failed (exit {proc.returncode}):\n"
-                                   f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+                                   f"{(proc.stdout or '')[-3000:]}\n{proc.stderr[-3000:]}")
         (helper_dir / ".last-used").touch()
     _prune_old(helper_dir)
     return helper_dir
@@ -145,8 +136,7 @@ def fake_release(helper_dir, build_id, seed=b"", version=None):
     files of made-up content and a manifest that matches them: for tests of
     what reads releases (health checks, export/import), not for booting."""
     if version is None:
-        from conftest import load_script
-        version = load_script("snf-image-host.py").VERSION
+        version = load_script("snf-image-host.py").SNF_IMAGE_VERSION
     release = Path(helper_dir) / "releases" / build_id
     release.mkdir(parents=True)
     files = {}
@@ -166,13 +156,6 @@ def current_fake_release(helper_dir, build_id="20260101T000000Z-0123abcd", **opt
     release = fake_release(helper_dir, build_id, **options)
     (Path(helper_dir) / "current").symlink_to(f"releases/{build_id}")
     return release
-
-
-def require_helper_build():
-    """Skip (or fail in CI) where the builder cannot run."""
-    from conftest import require_programs, require_root
-    require_root()
-    require_programs("multistrap", "mkfs.ext4", "depmod", "qemu-system-x86_64", "cp")
 
 
 if __name__ == "__main__":
