@@ -1499,22 +1499,15 @@ def read_url(url, limit):
 
 def node_helper_problem(settings):
     """(release, manifest) of a complete, current helper built for this
-    snf-image; else HelperError naming the node and what is wrong."""
-    where = f"node {os.uname().nodename}: the helper in {settings.helper_dir}"
-    remedy = "run snf-image-update-helper -y (or -u URL)"
-    if not (settings.helper_dir / "current").is_symlink():
-        raise HelperError(f"{where} is missing: {remedy}")
-    try:
-        release = current_release(settings.helper_dir)
-        manifest = read_manifest(release)
-        verify_release(release, manifest)
-    except HelperError as err:
-        raise HelperError(f"{where} is broken ({err}): {remedy}") from None
-    built_for = manifest.get("snf_image_version")
-    if built_for != SNF_IMAGE_VERSION:
-        raise HelperError(f"{where} was built for snf-image {built_for}, this node runs "
-                          f"{SNF_IMAGE_VERSION}: {remedy}")
-    return release, manifest
+    snf-image; else HelperError naming the node and what is wrong, by the
+    very rule `create` and `verify` apply (the host program's)."""
+    current = settings.helper_dir / "current"
+    release = current.resolve() if current.is_symlink() else settings.helper_dir
+    problem = host_program.helper_release_problem(str(release))
+    if problem:
+        raise HelperError(f"node {os.uname().nodename}: the helper in {settings.helper_dir} "
+                          f"{problem}: run snf-image-update-helper -y (or -u URL)")
+    return release, read_manifest(release)
 
 
 def confirm_replacing(settings, what, yes):

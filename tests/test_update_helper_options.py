@@ -29,6 +29,7 @@ BUILD_ID = "20260101T000000Z-0123abcd"
 def isolated(tmp_path, monkeypatch):
     """No site configuration leaks in: both configuration files are private."""
     (tmp_path / "snf-image.conf").write_text("")
+    monkeypatch.setattr(builder.host_program, "RUN_DIR", tmp_path / "run")
     monkeypatch.setenv("SNF_IMAGE_CONFIG", str(tmp_path / "snf-image.conf"))
     monkeypatch.setenv("SNF_IMAGE_UPDATE_HELPER_CONFIG", str(tmp_path / "update-helper.conf"))
     return tmp_path
@@ -195,10 +196,11 @@ def test_actions_exclude_each_other(isolated, capsys):
 # --- --check: a node's helper reported in one line ---------------------------------
 
 @pytest.mark.parametrize("damage, message", [
-    (None, "is missing: run"),
-    (lambda r: (r / "image").write_bytes(b"changed"), "is broken (image does not match the sha256"),
-    (lambda r: (r / "initrd").unlink(), "release lacks initrd"),
-    ("old", "was built for snf-image 0.23.1"),
+    (None, "is missing (kernel, initrd, image not found)"),
+    (lambda r: (r / "image").write_bytes(b"changed"),
+     "is broken (image does not match its sha256 in manifest.json)"),
+    (lambda r: (r / "initrd").unlink(), "is missing (initrd not found)"),
+    ("old", "is older than this node's snf-image (built for 0.23.1"),
 ])
 def test_check_names_the_node_and_its_problem(isolated, capsys, damage, message):
     helper_dir = isolated / "node"
