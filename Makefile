@@ -1,6 +1,7 @@
 # snf-image: install by copying files, plus the entry points of the README
 # (demo, tests, benchmarks). Every path can be overridden on the command line,
 # e.g. `make install OSDIR=/usr/share/ganeti/os/snf-image DESTDIR=/tmp/pkg`.
+# `make deb` builds a Debian package from the same file list.
 
 PYTHON      ?= python3
 DESTDIR     ?=
@@ -12,11 +13,20 @@ VARIANTSDIR ?= $(SYSCONFDIR)/ganeti/snf-image/variants
 BACKENDSCONFDIR ?= $(SYSCONFDIR)/snf-image/backends
 IMAGE_DIR   ?= /var/lib/snf-image
 HELPER_DIR  ?= /var/lib/snf-image/helper
+# yes: byte-compile the host program for /usr/bin/python3 at install time
+# (a package compiles it in its postinst instead, for the python3 installed then)
+PYCOMPILE   ?= yes
+
+# The version has one owner: SNF_IMAGE_VERSION in snf-image-host.py.
+VERSION     := $(shell sed -n 's/^SNF_IMAGE_VERSION = "\([^"]*\)".*/\1/p' snf-image-host.py)
+DEBDIR      ?= build
+# Sites building their own package put their contact address here.
+DEB_MAINTAINER ?= snf-image developers <snf-image@example.org>
 
 OS_SCRIPTS  = create import export rename verify
 OS_DATA     = ganeti_api_version variants.list parameters.list
 
-.PHONY: all install uninstall test test-ganeti demo deps helper bench bench-copy bench-helper bench-create check-syntax
+.PHONY: all install uninstall deb test test-ganeti demo deps helper bench bench-copy bench-helper bench-create check-syntax
 
 all: check-syntax
 
@@ -29,7 +39,7 @@ install:
 	for f in $(OS_SCRIPTS); do install -m 755 os-def/$$f $(DESTDIR)$(OSDIR)/$$f; done
 	for f in $(OS_DATA); do install -m 644 os-def/$$f $(DESTDIR)$(OSDIR)/$$f; done
 	# bytecode for the production interpreter, so no OS script pays the compile
-	-PYTHONDONTWRITEBYTECODE= /usr/bin/python3 -m py_compile $(DESTDIR)$(OSDIR)/snf-image-host.py
+	-[ "$(PYCOMPILE)" != yes ] || PYTHONDONTWRITEBYTECODE= /usr/bin/python3 -m py_compile $(DESTDIR)$(OSDIR)/snf-image-host.py
 	install -d -m 755 $(DESTDIR)$(SBINDIR) $(DESTDIR)$(DATADIR)/helper/tasks.d
 	install -m 755 snf-image-update-helper.py $(DESTDIR)$(SBINDIR)/snf-image-update-helper
 	install -m 644 snf-image-helper.py $(DESTDIR)$(DATADIR)/helper/snf-image-helper.py
@@ -40,8 +50,11 @@ install:
 		$(DESTDIR)$(BACKENDSCONFDIR)/src $(DESTDIR)$(BACKENDSCONFDIR)/dst
 	[ -e $(DESTDIR)$(SYSCONFDIR)/default/snf-image ] || \
 		install -m 644 defaults.example $(DESTDIR)$(SYSCONFDIR)/default/snf-image
+	[ -e $(DESTDIR)$(SYSCONFDIR)/default/snf-image-update-helper ] || \
+		install -m 644 defaults-update-helper.example $(DESTDIR)$(SYSCONFDIR)/default/snf-image-update-helper
 	[ -e $(DESTDIR)$(VARIANTSDIR)/default.conf ] || \
-		install -m 644 /dev/null $(DESTDIR)$(VARIANTSDIR)/default.conf
+		printf '# Settings of the variant "default" (KEY="value"), read after /etc/default/snf-image.\n' \
+		> $(DESTDIR)$(VARIANTSDIR)/default.conf
 	install -d -m 755 $(DESTDIR)$(IMAGE_DIR)
 	install -d -m 755 $(DESTDIR)$(HELPER_DIR)
 
@@ -53,6 +66,11 @@ uninstall:
 	-rmdir $(DESTDIR)$(OSDIR)/backends/src $(DESTDIR)$(OSDIR)/backends/dst $(DESTDIR)$(OSDIR)/backends $(DESTDIR)$(OSDIR)
 	rm -f $(DESTDIR)$(SBINDIR)/snf-image-update-helper
 	rm -rf $(DESTDIR)$(DATADIR)
+
+# snf-image_$(VERSION)_all.deb in $(DEBDIR): `make install` into a staging
+# directory with Debian's paths, then dpkg-deb (no debhelper, no network).
+deb:
+	tools/build-deb.sh "$(VERSION)" "$(DEBDIR)" "$(DEB_MAINTAINER)"
 
 deps:
 	tools/install-deps.sh

@@ -42,7 +42,7 @@ import threading
 import time
 import urllib.parse
 from collections import namedtuple
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from pathlib import Path
 
 # ---------------------------------------------------------------------------
@@ -3193,15 +3193,85 @@ def make_floppy(workdir, config, rules, params):
         shutil.rmtree(content, ignore_errors=True)
 
 
+HELPER_RELEASE_FILES = ("kernel", "initrd", "image")
+
+
 def resolve_helper(helper_dir):
-    """The release directory holding kernel, initrd and image (resolved once)."""
+    """The release directory holding kernel, initrd and image (resolved once).
+    A missing, broken or outdated release is refused here, before any disk is
+    written, with one line naming the node and its problem."""
     current = os.path.join(helper_dir, "current")
     release = os.path.realpath(current) if os.path.lexists(current) else helper_dir
-    missing = [f for f in ("kernel", "initrd", "image") if not os.path.isfile(os.path.join(release, f))]
-    if missing:
-        raise SnfError(f"no usable helper VM in HELPER_DIR {helper_dir} (missing {', '.join(missing)}): "
-                       "run snf-image-update-helper")
+    problem = helper_release_problem(release)
+    if problem:
+        raise SnfError(f"node {os.uname().nodename}: the helper VM in HELPER_DIR {helper_dir} "
+                       f"{problem}: run snf-image-update-helper -y (or -u URL to fetch the "
+                       "site's build)")
     return release
+
+
+def _version_key(text):
+    return tuple(int(number) for number in re.findall(r"[0-9]+", str(text)))
+
+
+def helper_release_problem(release):
+    """None for a complete release built for this snf-image, else what is wrong."""
+    missing = [name for name in HELPER_RELEASE_FILES if not os.path.isfile(os.path.join(release, name))]
+    if missing:
+        return f"is missing ({', '.join(missing)} not found)"
+    try:
+        with open(os.path.join(release, "manifest.json"), "rb") as stream:
+            manifest = json.load(stream)
+        files, built_for = manifest["files"], manifest["snf_image_version"]
+        if not isinstance(files, dict) or not set(HELPER_RELEASE_FILES) <= set(files):
+            raise ValueError("incomplete file list")
+    except FileNotFoundError:
+        return "is broken (no manifest.json)"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "is broken (unreadable manifest.json)"
+    if _version_key(built_for) < _version_key(SNF_IMAGE_VERSION):
+        return f"is older than this node's snf-image (built for {built_for}, the node runs {SNF_IMAGE_VERSION})"
+    return _helper_checksum_problem(release, files)
+
+
+def _helper_checksum_problem(release, files):
+    """Compare every file with its sha256 in the manifest. A successful check
+    is remembered in RUN_DIR by the files' identity (inode, size, mtime,
+    ctime: any write changes ctime), so that each create does not re-read
+    hundreds of MiB; a changed or replaced file is read again."""
+    import hashlib
+    signature = {}
+    for name in sorted(files):
+        if "/" in name or name.startswith("."):
+            return f"is broken (manifest.json lists {name!r})"
+        try:
+            info = os.stat(os.path.join(release, name))
+        except OSError:
+            return f"is broken ({name} listed in manifest.json is missing)"
+        signature[name] = [info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns]
+    stamp = RUN_DIR / ("helper-verified-" + hashlib.sha256(release.encode()).hexdigest()[:16])
+    try:
+        if json.loads(stamp.read_text()) == {"release": release, "files": signature}:
+            return None
+    except (OSError, ValueError):
+        pass
+    for name, expected in sorted(files.items()):
+        try:
+            with open(os.path.join(release, name), "rb") as stream:
+                actual = hashlib.file_digest(stream, "sha256").hexdigest()
+        except OSError as exc:
+            return f"is broken (cannot read {name}: {exc.strerror})"
+        if actual != expected:
+            return f"is broken ({name} does not match its sha256 in manifest.json)"
+    partial = stamp.with_name(f".{stamp.name}.{os.getpid()}")
+    try:
+        RUN_DIR.mkdir(mode=0o700, exist_ok=True)
+        write_private(partial, json.dumps({"release": release, "files": signature}).encode())
+        os.replace(partial, stamp)
+    except OSError:
+        with suppress(OSError):     # not root (unit tests): verified again next time
+            os.unlink(partial)
+    return None
 
 
 def qemu_drive_value(text):
@@ -3827,6 +3897,7 @@ def operation_verify(environ, args):
         for problem in problems[:-1]:
             print(printable(problem), file=sys.stderr, flush=True)
         raise SnfError(problems[-1], 2)
+    resolve_helper(config.HELPER_DIR)   # Ganeti runs verify on every node before an add
 
 
 # ---------------------------------------------------------------------------
@@ -3871,6 +3942,9 @@ def deploy_parser():
     run = parser.add_argument_group("run")
     run.add_argument("--no-helper", action="store_true",
                      help="stop after the copy (the image is not customized)")
+    run.add_argument("--plain", action="store_true",
+                     help="print the plain log also on a terminal (without a terminal, "
+                          "e.g. into a pipe or file, the log is always plain)")
     return parser
 
 
@@ -3888,9 +3962,119 @@ def _read_secret(path, stdin_state):
     return data[:-1] if data.endswith("\n") and data.count("\n") == 1 else data
 
 
+class TerminalView:
+    """What `deploy` shows on a terminal in place of the plain log: a bar for
+    the copy, each task of the helper VM as it runs, the other messages
+    without timestamps, and the final line. It is a filter over the very log
+    lines a pipe receives (the [MONITOR] JSON messages among them), so both
+    show the same events; it replaces sys.stderr while `deploy` runs."""
+
+    LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ([A-Z]+): (.*)")
+    # shown as the bar and the task lines once monitor messages arrive
+    SUMMARIZED = ("copy: ", "helper: task ", "HELPER: ")
+
+    def __init__(self, stream):
+        import shutil
+        self.stream, self.width = stream, max(40, min(shutil.get_terminal_size().columns, 100))
+        self.lock = threading.Lock()
+        self.partial, self.transient, self.monitored = "", None, False
+        self.task = self.copy_started = None
+
+    def __enter__(self):
+        self.saved, sys.stderr = sys.stderr, self
+        return self
+
+    def __exit__(self, *exc_info):
+        sys.stderr = self.saved
+        with self.lock:
+            if self.partial:
+                self._line(self.partial)
+            if self.transient:
+                self.stream.write("\n")
+            self.stream.flush()
+
+    def write(self, text):
+        with self.lock:
+            *lines, self.partial = (self.partial + text).split("\n")
+            for line in lines:
+                self._line(line)
+        return len(text)
+
+    def flush(self):
+        self.stream.flush()
+
+    def isatty(self):
+        return True
+
+    def fileno(self):
+        return self.stream.fileno()
+
+    def _line(self, line):
+        match = self.LOG_LINE.fullmatch(line)
+        # without a timestamp: the helper's console, the final ERROR line, usage
+        level, message = match.groups() if match else (None, line)
+        if message.startswith("[MONITOR] "):
+            with suppress(ValueError, AttributeError):
+                self._monitor(json.loads(message[len("[MONITOR] "):]))
+            return
+        if level == "DEBUG" or (self.monitored and message.startswith(self.SUMMARIZED)):
+            return
+        self._show(message if level in (None, "INFO") else f"{level.lower()}: {message}")
+
+    def _monitor(self, message):
+        self.monitored = True
+        kind, subtype = message.get("type"), message.get("subtype")
+        if kind == "image-copy-progress":
+            self._copy_bar(int(message.get("position", 0)), int(message.get("total", 0)))
+        elif kind == "image-helper" and subtype == "task-start":
+            self.task = (message.get("task", "?"), time.monotonic())
+            self._show(f"  task {self.task[0]} ...", transient="task")
+        elif kind == "image-helper" and subtype == "task-end" and self.task:
+            name, started = self.task
+            self._show(f"  task {name} done ({time.monotonic() - started:.1f} s)")
+            self.task = None
+        elif kind == "image-helper" and subtype in ("warning", "error"):
+            lines = message.get("messages") or str(message.get("stderr", "")).splitlines()
+            for text in lines:
+                self._show(f"  {subtype}: {text}")
+
+    def _copy_bar(self, position, total):
+        now = time.monotonic()
+        if self.copy_started is None:
+            self.copy_started = (now, position)
+        elapsed = max(now - self.copy_started[0], 1e-3)
+        rate = (position - self.copy_started[1]) / elapsed / MIB
+        if total:
+            done = min(position / total, 1.0)
+            text = f" {done * 100:5.1f}%  {human_size(position)} of {human_size(total)}  {rate:.0f} MiB/s"
+            cells = max(self.width - len(text) - 7, 10)
+            filled = int(done * cells)
+            self._show(f"copy [{'#' * filled}{'-' * (cells - filled)}]{text}", transient="bar")
+        else:
+            self._show(f"copy {human_size(position)}  {rate:.0f} MiB/s", transient="bar")
+
+    def _show(self, text, transient=None):
+        """A line that stays, or a transient one: "bar" (rewritten by the next
+        bar, kept as it last was under anything else) or "task" (a running
+        task, rewritten by whatever comes next)."""
+        if self.transient == "task" or (self.transient == "bar" and transient == "bar"):
+            prefix = "\r\x1b[K"
+        else:
+            prefix = "\n" if self.transient else ""
+        self.stream.write(prefix + text + ("" if transient else "\n"))
+        self.stream.flush()
+        self.transient = transient
+
+
 def operation_deploy(args, process_environ):
     parser = deploy_parser()
     options = parser.parse_args(args)
+    view = TerminalView(sys.stderr) if sys.stderr.isatty() and not options.plain else nullcontext()
+    with view:
+        _deploy(options, process_environ)
+
+
+def _deploy(options, process_environ):
     environ = {key: value for key, value in process_environ.items()
                if key.startswith("OSP_") or key in ("SNF_IMAGE_CONFIG", "PATH")}
     environ.update({"OS_API_VERSION": OS_API_VERSION, "OS_VARIANT": options.variant,

@@ -16,8 +16,12 @@ Pipeline: image source → O_DIRECT copy → floppy + **helper VM** → tasks �
      the previous release for deployments still running from it.
 
 `--export`/`--import` move a release between nodes as a tar verified against
-its manifest; `--check` boots the helper once and reports which accelerator
-works and how long the boot took.
+its manifest (the export writes FILE.sha256 next to it); `-u URL` (or
+HELPER_URL in /etc/default/snf-image-update-helper) fetches such an export
+over http(s) or file:// and verifies its sha256, so that a site builds once
+and every node fetches. `--check` reports a missing, broken or outdated
+helper in one line, then boots it once and reports which accelerator works
+and how long the boot took.
 """
 
 import argparse
@@ -40,6 +44,8 @@ import sys
 import tarfile
 import tempfile
 import time
+import urllib.parse
+import urllib.request
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +60,9 @@ if sys.version_info < (3, 11):
 # Bump when the root stage changes in a way the cache key does not see.
 ROOT_RECIPE_VERSION = 4
 
+# upstream's file of this program: HELPER_URL only (SNF_IMAGE_UPDATE_HELPER_CONFIG overrides)
+UPDATE_HELPER_CONFIG_FILE = "/etc/default/snf-image-update-helper"
+FETCH_TIMEOUT = 60
 HOST_APT_SOURCES = ("/etc/apt/sources.list.d/debian.sources", "/etc/apt/sources.list")
 DATADIR_HELPER = Path("/usr/local/share/snf-image/helper")
 
@@ -327,7 +336,8 @@ def build_arg_parser():
         prog="snf-image-update-helper",
         description="Build the snf-image helper VM (multistrap root, kernel, initrd, "
                     "read-only ext4 image) into HELPER_DIR and switch to it atomically. "
-                    "Without an action option it builds.",
+                    "Without an action option it builds, or fetches HELPER_URL when "
+                    "one is configured.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="""\
 configuration:
@@ -348,22 +358,54 @@ HELPER_DIR after a build:
   cache/rootfs-<hash>/              multistrap + kernel, reused while the
                                     suite, mirror and package list stay the same
 
+HELPER_URL:
+  /etc/default/snf-image-update-helper (SNF_IMAGE_UPDATE_HELPER_CONFIG names
+  another file) may set HELPER_URL="URL" as with the original snf-image; then
+  the default action fetches that URL instead of building (--build still
+  builds). The URL names a tar written by --export; URL.sha256 (written by
+  --export next to it) must be served too and is always verified.
+
+options of the original snf-image-update-helper:
+  -y, -f, -u URL and -h work as there. -c (skip the checksum) is refused: a
+  fetched helper is always verified. The original's helper archives (kernel,
+  initrd, image, version) cannot be used: build here and move with --export.
+
 examples:
-  snf-image-update-helper                       build (seconds when cached)
+  snf-image-update-helper -y                    build (seconds when cached)
   snf-image-update-helper --build --check       build, then boot it once
-  snf-image-update-helper --export helper.tar   on a node with a helper
-  snf-image-update-helper --import helper.tar --check   on the other nodes
+  snf-image-update-helper --export /srv/www/helper.tar.gz   once per site
+  snf-image-update-helper -y -u http://repo.example.org/helper.tar.gz   on every node
+  snf-image-update-helper --import helper.tar.gz --check    air-gapped node
+  snf-image-update-helper --check               is this node's helper usable?
 """,
     )
     actions = parser.add_argument_group("actions")
     actions.add_argument("--build", action="store_true",
-                         help="build a release (the default when no other action is given)")
+                         help="build a release (the default when no other action is given "
+                              "and no HELPER_URL is configured)")
     actions.add_argument("--export", metavar="FILE",
-                         help="write the current release as a tar (.tar, .tar.gz, .tar.xz)")
+                         help="write the current release as a tar (.tar, .tar.gz, .tar.xz) "
+                              "and its sha256 as FILE.sha256")
     actions.add_argument("--import", dest="import_file", metavar="FILE",
-                         help="install a release exported by --export after verifying it")
+                         help="install a release exported by --export after verifying it "
+                              "(and FILE.sha256 when present)")
+    actions.add_argument("-u", "--url", metavar="URL",
+                         help="fetch a release exported by --export from an http, https or "
+                              "file URL, verify URL.sha256 and the manifest, install it "
+                              "[HELPER_URL]")
     actions.add_argument("--check", action="store_true",
-                         help="boot the current release once; report accelerator and boot time")
+                         help="report a missing, broken or outdated helper in one line, then "
+                              "boot the current release once (accelerator and boot time)")
+    answers = parser.add_argument_group("as the original snf-image-update-helper")
+    answers.add_argument("-y", "--yes", action="store_true",
+                         help="do not ask before replacing the current helper (asked only on "
+                              "a terminal)")
+    answers.add_argument("-f", "--force", action="store_true",
+                         help="build a new release even when the current one is up to date; "
+                              "install a fetched or imported release built for another "
+                              "snf-image version")
+    answers.add_argument("-c", dest="skip_checksum", action="store_true",
+                         help=argparse.SUPPRESS)
     options = parser.add_argument_group("configuration (override the configuration file)")
     for option, key, help_text in CONFIG_OPTIONS:
         options.add_argument(option, dest=key, metavar=key, help=f"{help_text} [{key}]")
@@ -1248,7 +1290,7 @@ def remove_stale(directory, *patterns):
             remove_path(path)
 
 
-def build(settings):
+def build(settings, force=False):
     check_helper_sources(settings)
     helper_dir = settings.helper_dir
     releases = helper_dir / "releases"
@@ -1258,14 +1300,32 @@ def build(settings):
         entry = prepared_root_stage(settings)
         with exclusive_lock(helper_dir / "lock", "HELPER_DIR"):
             remove_stale(releases, ".build-*", ".import.*")
+            current = up_to_date_release(settings, entry)
+            if current and not force:
+                step(f"helper release {current.name} is up to date (built from the same "
+                     "inputs); -f builds a new one")
+                return current
             release = assemble_release(settings, entry, releases)
             switch_current(helper_dir, release)
     step(f"helper release {release.name} is current in {helper_dir}")
     return release
 
 
+def up_to_date_release(settings, entry):
+    """The current release when it was built from exactly these inputs and is intact."""
+    try:
+        release = current_release(settings.helper_dir)
+        manifest = read_manifest(release)
+        if manifest.get("inputs_hash") != inputs_hash(settings, entry.name):
+            return None
+        verify_release(release, manifest)
+    except HelperError:
+        return None
+    return release
+
+
 # ---------------------------------------------------------------------------
-# Export / import
+# Export / import / fetch, and the health of a node's helper
 # ---------------------------------------------------------------------------
 
 
@@ -1328,30 +1388,154 @@ def export_release(settings, target):
                 info.uname = info.gname = "root"
                 with open(release / name, "rb") as stream:
                     archive.addfile(info, stream)
+        checksum = sha256_file(tmp)
         os.replace(tmp, target)
+        write_file_atomic(checksum_path(target), f"{checksum}  {target.name}\n".encode())
     except OSError as err:
         raise HelperError(f"cannot write {target}: {err.strerror or err}") from None
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
-    step(f"exported {release.name} to {target}")
+    step(f"exported {release.name} to {target} (sha256 in {checksum_path(target).name})")
 
 
-def import_release(settings, source):
+def checksum_path(archive):
+    return Path(archive).with_name(Path(archive).name + ".sha256")
+
+
+def parse_checksum(text, where):
+    """The sha256 of a `sha256sum` line ("<hex>  <name>")."""
+    words = text.split()
+    if not words or not re.fullmatch(r"[0-9a-fA-F]{64}", words[0]):
+        raise HelperError(f"{where} holds no sha256")
+    return words[0].lower()
+
+
+def import_release(settings, source, force=False, expected_sha256=None):
+    """Install an archive written by --export; its FILE.sha256, when present
+    (or the expected_sha256 given), must match."""
     source = Path(source)
     if not source.is_file():
         raise HelperError(f"{source} does not exist")
+    if expected_sha256 is None and checksum_path(source).is_file():
+        expected_sha256 = parse_checksum(checksum_path(source).read_text(), checksum_path(source))
+    if expected_sha256 is not None:
+        step(f"import: verifying the sha256 of {source.name}")
+        if sha256_file(source) != expected_sha256:
+            raise HelperError(f"{source} does not match its sha256 (a truncated or altered copy)")
     releases = settings.helper_dir / "releases"
     releases.mkdir(parents=True, exist_ok=True)
     with exclusive_lock(settings.helper_dir / "lock", "HELPER_DIR"):
         remove_stale(releases, ".build-*", ".import.*")
-        final = install_archive(source, releases)
+        final = install_archive(source, releases, force)
         switch_current(settings.helper_dir, final)
     step(f"imported helper release {final.name}; it is current in {settings.helper_dir}")
     return final
 
 
-def install_archive(source, releases):
+def fetch_release(settings, url, force=False):
+    """Download an export from URL (http, https, file) with URL.sha256 beside
+    it, check the download against that sha256, then import it. http(s) goes
+    through the host program's URL fetcher (timeouts, resumed downloads,
+    credentials never shown)."""
+    shown = host_program.redact_url(url)
+    try:
+        checksum_line = read_url(url + ".sha256", 4096)
+    except HelperError as err:
+        raise HelperError(f"{err} (-u and HELPER_URL take a helper written by "
+                          "snf-image-update-helper --export, served with its .sha256 beside it)") from None
+    expected = parse_checksum(checksum_line.decode("ascii", "replace"), f"{shown}.sha256")
+    name = Path(urllib.parse.unquote(urllib.parse.urlsplit(url).path)).name or "helper.tar"
+    with temporary_directory(settings.helper_dir / "releases", ".fetch.") as work:
+        archive = work / name
+        digest, buffer = hashlib.sha256(), memoryview(bytearray(1 << 20))
+        started, size = time.monotonic(), 0
+        step(f"fetch: downloading {shown}")
+        with opened_url(url) as source, open(archive, "xb") as output:
+            while count := source.readinto(buffer):
+                digest.update(buffer[:count])
+                output.write(buffer[:count])
+                size += count
+        step(f"fetch: {size / 1048576:.1f} MiB in {time.monotonic() - started:.1f} s")
+        if digest.hexdigest() != expected:
+            raise HelperError(f"{shown} does not match {shown}.sha256 (a truncated or altered download)")
+        return import_release(settings, archive, force, expected_sha256=expected)
+
+
+@contextlib.contextmanager
+def opened_url(url):
+    """A readable (readinto) for an http(s) or file URL; failures as HelperError."""
+    scheme = urllib.parse.urlsplit(url).scheme.lower()
+    if scheme not in ("http", "https", "file"):
+        raise HelperError(f"helper URL {host_program.redact_url(url)!r} must be http://, "
+                          "https:// or file://")
+    try:
+        if scheme == "file":
+            path = urllib.request.url2pathname(urllib.parse.urlsplit(url).path)
+            try:
+                stream = open(path, "rb")
+            except OSError as err:
+                raise HelperError(f"cannot fetch {url}: {err.strerror}") from None
+            with stream:
+                yield stream
+        else:
+            with host_program.UrlFetch(url, "the helper", timeout=FETCH_TIMEOUT,
+                                       stream=True) as fetch:
+                yield fetch
+    except host_program.SnfError as err:
+        raise HelperError(str(err)) from None
+
+
+def read_url(url, limit):
+    data = bytearray()
+    buffer = memoryview(bytearray(limit + 1))
+    with opened_url(url) as source:
+        while len(data) <= limit and (count := source.readinto(buffer)):
+            data += buffer[:count]
+    if len(data) > limit:
+        raise HelperError(f"{host_program.redact_url(url)} is larger than {limit} bytes")
+    return bytes(data)
+
+
+def node_helper_problem(settings):
+    """(release, manifest) of a complete, current helper built for this
+    snf-image; else HelperError naming the node and what is wrong, by the
+    very rule `create` and `verify` apply (the host program's)."""
+    current = settings.helper_dir / "current"
+    release = current.resolve() if current.is_symlink() else settings.helper_dir
+    problem = host_program.helper_release_problem(str(release))
+    if problem:
+        raise HelperError(f"node {os.uname().nodename}: the helper in {settings.helper_dir} "
+                          f"{problem}: run snf-image-update-helper -y (or -u URL)")
+    return release, read_manifest(release)
+
+
+def confirm_replacing(settings, what, yes):
+    """On a terminal, ask before `what` replaces an existing helper, as the
+    original did; scripts (no terminal) and -y go on without asking."""
+    current = settings.helper_dir / "current"
+    if yes or not current.is_symlink() or not sys.stdin.isatty():
+        return
+    try:
+        manifest = read_manifest(current.resolve())
+        described = (f"release {manifest.get('build_id')} (snf-image "
+                     f"{manifest.get('snf_image_version')}, built {manifest.get('build_time')})")
+    except HelperError:
+        described = f"the helper in {current.resolve()}"
+    print(f"{what} replaces the current helper in {settings.helper_dir}: {described}.\n"
+          "The previous release is kept for deployments still running from it.")
+    while True:
+        try:
+            answer = input("Do you want to continue [y/N]? ").strip()
+        except EOFError:
+            answer = "n"
+        if answer in ("y", "Y"):
+            return
+        if answer in ("", "n", "N"):
+            raise HelperError("Abort.")
+
+
+def install_archive(source, releases, force=False):
     """Extract and verify an exported release into releases/<build id>."""
     with StagingDirectory(releases, ".import.") as staging:
         work = staging.path
@@ -1360,6 +1544,10 @@ def install_archive(source, releases):
                 top = None
                 for member in archive:
                     parts = member.name.split("/")
+                    if parts[-1] in ("version", "packages") and len(parts) <= 2:
+                        raise HelperError(f"{source} is a helper of the original snf-image, "
+                                          "which this snf-image cannot boot: build one with "
+                                          "snf-image-update-helper and move it with --export")
                     if len(parts) != 2 or not member.isfile() or parts[1] not in \
                             ("manifest.json",) + RELEASE_FILES + OPTIONAL_RELEASE_FILES:
                         raise HelperError(f"unexpected member {member.name!r} in {source}")
@@ -1381,8 +1569,11 @@ def install_archive(source, releases):
         step("import: verifying sha256 of every file against the manifest")
         verify_release(work, manifest)
         if manifest.get("snf_image_version") != SNF_IMAGE_VERSION:
-            warn(f"release {top} was built for snf-image {manifest.get('snf_image_version')}, "
-                 f"this is {SNF_IMAGE_VERSION}")
+            message = (f"release {top} was built for snf-image "
+                       f"{manifest.get('snf_image_version')}, this node runs {SNF_IMAGE_VERSION}")
+            if not force:
+                raise HelperError(f"{message}: -f installs it anyway")
+            warn(message)
         extra = {p.name for p in work.iterdir()} - {"manifest.json"} - set(manifest["files"])
         if extra:
             raise HelperError(f"{source} has files not in its manifest: {', '.join(sorted(extra))}")
@@ -1443,8 +1634,9 @@ def boot_once(settings, release, accel, timeout, kernel=None, append_extra=()):
 
 
 def check(settings):
-    release = current_release(settings.helper_dir)
-    manifest = read_manifest(release)
+    release, manifest = node_helper_problem(settings)
+    print(f"node {os.uname().nodename}: helper release {release.name} is complete and built "
+          f"for this snf-image ({SNF_IMAGE_VERSION})", flush=True)
     step(f"check: booting release {release.name} ({manifest.get('kernel_format')}, {CHECK_FLAG})")
     candidates = []
     if settings.accel in ("auto", "kvm"):
@@ -1473,19 +1665,47 @@ def terminate(signum, _frame):
     raise HelperError(f"terminated by signal {signum}")
 
 
+def configured_helper_url(environ=os.environ):
+    """HELPER_URL of /etc/default/snf-image-update-helper (upstream's file), or
+    None; read with the host program's grammar."""
+    path = environ.get("SNF_IMAGE_UPDATE_HELPER_CONFIG", UPDATE_HELPER_CONFIG_FILE)
+    try:
+        values = host_program.read_config_file(path) or {}
+    except host_program.SnfError as err:
+        raise ConfigError(str(err)) from None
+    for key in sorted(set(values) - {"HELPER_URL"}):
+        warn(f"{path}: only HELPER_URL is read here; {key} belongs in "
+             f"{host_program.DEFAULT_CONFIG_FILE}")
+    return values.get("HELPER_URL") or None
+
+
 def main(argv=None):
     args = build_arg_parser().parse_args(argv)
+    if args.skip_checksum:
+        print("Error: -c is not supported: a fetched helper is always checked against its "
+              "sha256 (use -u URL with URL.sha256 served beside it)", file=sys.stderr)
+        return 2
     previous_handler = signal.signal(signal.SIGTERM, terminate)
     try:
         settings = load_settings(args)
-        if args.import_file and args.export:
-            raise HelperError("--import and --export exclude each other")
+        chosen = [name for name, given in (("--import", args.import_file), ("--export", args.export),
+                                           ("-u", args.url), ("--build", args.build)) if given]
+        if len(chosen) > 1:
+            raise HelperError(f"{' and '.join(chosen)} exclude each other")
+        url = args.url
+        if not chosen and not args.check:
+            url = configured_helper_url()
         if args.import_file:
-            import_release(settings, args.import_file)
+            confirm_replacing(settings, f"importing {args.import_file}", args.yes)
+            import_release(settings, args.import_file, args.force)
         elif args.export:
             export_release(settings, args.export)
+        elif url:
+            confirm_replacing(settings, f"fetching {url}", args.yes)
+            fetch_release(settings, url, args.force)
         elif args.build or not args.check:
-            build(settings)
+            confirm_replacing(settings, "building a new helper", args.yes)
+            build(settings, args.force)
         if args.check:
             check(settings)
     except HelperError as err:

@@ -41,6 +41,7 @@ CONFIG_FILE = Path("/etc/default/snf-image")
 # What `make install` may create beyond OS_DIR; whatever of it did not exist
 # before the suite is removed again at the end.
 INSTALL_LEFTOVERS = [
+    Path("/etc/default/snf-image-update-helper"),
     Path("/etc/ganeti/snf-image/variants/default.conf"),
     Path("/etc/ganeti/snf-image/variants"),
     Path("/etc/ganeti/snf-image"),
@@ -132,7 +133,11 @@ class GanetiCluster:
 
 @pytest.fixture(scope="session")
 def timings(request):
-    """Timings printed in the terminal summary (not asserted on)."""
+    """Timings printed in the terminal summary (not asserted on). Modules that
+    import the cluster fixtures (test_package) add to the same report."""
+    report = request.config.pluginmanager.get_plugin("snf-image-ganeti-timings")
+    if report is not None:
+        return report.recorded
     recorded = []
 
     class TimingReport:
@@ -142,7 +147,9 @@ def timings(request):
                 for label, seconds in recorded:
                     terminalreporter.write_line(f"{label:<68} {seconds:7.1f} s")
 
-    request.config.pluginmanager.register(TimingReport(), "snf-image-ganeti-timings")
+    report = TimingReport()
+    report.recorded = recorded
+    request.config.pluginmanager.register(report, "snf-image-ganeti-timings")
     return recorded
 
 

@@ -12,6 +12,7 @@ from hypothesis import given, strategies as st
 
 from conftest import REPO, load_script
 import ganeti_env
+from helpervm import current_fake_release
 
 host = load_script("snf-image-host.py")
 
@@ -281,8 +282,11 @@ def run_verify(osparams, tmp_path, extra_env=None, extra_conf=""):
     variants = tmp_path / "variants"
     variants.mkdir(exist_ok=True)
     (variants / "default.conf").write_text("")
+    helper_dir = tmp_path / "helper"
+    if not helper_dir.exists():     # verify also checks the node's helper
+        current_fake_release(helper_dir)
     conf = tmp_path / "snf-image.conf"
-    conf.write_text(f'VARIANTS_DIR="{variants}"\n' + extra_conf)
+    conf.write_text(f'VARIANTS_DIR="{variants}"\nHELPER_DIR="{helper_dir}"\n' + extra_conf)
     env = ganeti_env.verify_env(osparams)
     env["SNF_IMAGE_CONFIG"] = str(conf)
     env.update(extra_env or {})

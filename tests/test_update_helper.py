@@ -5,11 +5,9 @@ manifest, export/import and the atomic switch of `current`."""
 
 import bz2
 import gzip
-import hashlib
 import importlib.machinery
 import importlib.util
 import io
-import json
 import lzma
 import os
 import re
@@ -23,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, load_script, require_programs
+from helpervm import fake_release
 
 builder = load_script("snf-image-update-helper.py")
 HelperError = builder.HelperError
@@ -357,21 +356,6 @@ def test_module_signature_is_stripped():
 # releases: manifest, export/import, atomic switch
 # ---------------------------------------------------------------------------
 
-def fake_release(helper_dir, build_id, seed=b""):
-    """A release directory as the builder writes it (small fake files)."""
-    release = helper_dir / "releases" / build_id
-    release.mkdir(parents=True)
-    files = {}
-    for name in ("kernel", "initrd", "image", "vmlinuz"):
-        (release / name).write_bytes(hashlib.sha256(seed + name.encode()).digest() * 100)
-        files[name] = builder.sha256_file(release / name)
-    manifest = {"format": 1, "build_id": build_id, "snf_image_version": builder.SNF_IMAGE_VERSION,
-                "suite": "trixie", "kernel_version": "6.12-test", "build_time": "x",
-                "inputs_hash": "0" * 64, "packages": {"python3": "3.13"}, "files": files}
-    (release / "manifest.json").write_text(json.dumps(manifest))
-    return release
-
-
 def helper_settings(tmp_path, helper_dir):
     args = builder.build_arg_parser().parse_args(["--helper-dir", str(helper_dir)])
     return builder.load_settings(args, environ={"SNF_IMAGE_CONFIG": "/dev/null"})
@@ -565,15 +549,16 @@ def test_missing_upstream_multistrap_paths_are_errors(tmp_path, key):
         settings_from([], f'{key}="{tmp_path}/missing"\n', tmp_path)
 
 
-def test_import_warns_about_another_snf_image_version(tmp_path, capsys):
+def test_import_of_another_snf_image_version_needs_force(tmp_path, capsys):
     source_dir = tmp_path / "node1"
-    release = fake_release(source_dir, "20260101T000000Z-0123abcd")
-    manifest = json.loads((release / "manifest.json").read_text())
-    manifest["snf_image_version"] = "0.23.1"
-    (release / "manifest.json").write_text(json.dumps(manifest))
+    release = fake_release(source_dir, "20260101T000000Z-0123abcd", version="0.23.1")
     builder.switch_current(source_dir, release)
     archive = tmp_path / "helper.tar"
     builder.export_release(helper_settings(tmp_path, source_dir), archive)
-    builder.import_release(helper_settings(tmp_path, tmp_path / "node2"), archive)
+    target = tmp_path / "node2"
+    with pytest.raises(HelperError, match=r"built for snf-image 0\.23\.1.*-f installs it anyway"):
+        builder.import_release(helper_settings(tmp_path, target), archive)
+    assert not (target / "current").exists()
+    builder.import_release(helper_settings(tmp_path, target), archive, force=True)
     assert "built for snf-image 0.23.1" in capsys.readouterr().err
-    assert (tmp_path / "node2" / "current").resolve().name == release.name
+    assert (target / "current").resolve().name == release.name

@@ -130,22 +130,26 @@ def test_check_boots_the_helper_under_tcg(helper_vm_dir):
                           env=dict(os.environ, SNF_IMAGE_CONFIG="/dev/null"))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "accelerator tcg works" in proc.stdout or "accelerator kvm works" in proc.stdout
+    assert "is complete and built for this snf-image" in proc.stdout
 
 
 @pytest.mark.qemu
 def test_rebuild_switches_current_and_keeps_previous(tmp_path, helper_vm_dir):
-    """A second build into the same HELPER_DIR replaces `current` atomically,
-    keeps the previous release, and the new release boots."""
+    """A forced second build into the same HELPER_DIR replaces `current`
+    atomically, keeps the previous release, and the new release boots."""
     require_programs("qemu-system-x86_64")
     helper_dir = tmp_path / "hd"
     cache = Path(os.environ.get("SNF_IMAGE_TEST_CACHE", "/var/cache/snf-image-tests")) / "helper-root-cache"
     argv = [sys.executable, str(REPO / "snf-image-update-helper.py"), "--helper-dir", str(helper_dir),
             "--cache-dir", str(cache)]
     env = dict(os.environ, SNF_IMAGE_CONFIG="/dev/null")
-    for _ in range(2):
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=1800, env=env)
+    # the same inputs again: nothing to do; -f builds a new release anyway
+    for extra, releases_after, up_to_date in (([], 1, False), ([], 1, True), (["-f"], 2, False)):
+        proc = subprocess.run(argv + extra, capture_output=True, text=True, timeout=1800, env=env)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert "root stage: cached" in proc.stdout
+        assert len(list((helper_dir / "releases").iterdir())) == releases_after
+        assert ("is up to date" in proc.stdout) == up_to_date
     releases = sorted(p.name for p in (helper_dir / "releases").iterdir())
     assert len(releases) == 2
     assert os.readlink(helper_dir / "current") == f"releases/{releases[-1]}"

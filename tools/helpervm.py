@@ -24,6 +24,7 @@ prints the HELPER_DIR.
 
 import fcntl
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -128,6 +129,33 @@ def built_helper_dir(tasks_dir=None, show_progress=False):
         (helper_dir / ".last-used").touch()
     _prune_old(helper_dir)
     return helper_dir
+
+
+def fake_release(helper_dir, build_id, seed=b"", version=None):
+    """A release directory laid out as the builder writes it, with small
+    files of made-up content and a manifest that matches them: for tests of
+    what reads releases (health checks, export/import), not for booting."""
+    if version is None:
+        version = load_script("snf-image-host.py").SNF_IMAGE_VERSION
+    release = Path(helper_dir) / "releases" / build_id
+    release.mkdir(parents=True)
+    files = {}
+    for name in ("kernel", "initrd", "image", "vmlinuz"):
+        data = hashlib.sha256(seed + name.encode()).digest() * 100
+        (release / name).write_bytes(data)
+        files[name] = hashlib.sha256(data).hexdigest()
+    manifest = {"format": 1, "build_id": build_id, "snf_image_version": version,
+                "suite": "trixie", "kernel_version": "6.12-test", "build_time": "x",
+                "inputs_hash": "0" * 64, "packages": {"python3": "3.13"}, "files": files}
+    (release / "manifest.json").write_text(json.dumps(manifest))
+    return release
+
+
+def current_fake_release(helper_dir, build_id="20260101T000000Z-0123abcd", **options):
+    """A HELPER_DIR whose `current` is a fake_release (as after a build)."""
+    release = fake_release(helper_dir, build_id, **options)
+    (Path(helper_dir) / "current").symlink_to(f"releases/{build_id}")
+    return release
 
 
 if __name__ == "__main__":

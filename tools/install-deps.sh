@@ -7,6 +7,7 @@ PACKAGES=(qemu-system-x86 qemu-utils multistrap mmdebstrap debootstrap e2fsprogs
   fdisk gdisk parted dosfstools syslinux-common extlinux busybox-static socat
   cpio xz-utils bzip2 gzip debian-archive-keyring ganeti fping iputils-arping
   iproute2 openssh-server procps xfsprogs btrfs-progs kmod util-linux file zstd)
+PACKAGES+=(lintian)  # tests/test_package.py checks the Debian package
 PACKAGES+=(libguestfs-tools linux-image-amd64)  # bench-helper's baseline: guestfish, whose appliance needs a kernel in /boot
 PACKAGES+=(ovmf mtools)  # UEFI boots of the genericcloud test image (OVMF), its ESP written by mtools
 PACKAGES+=(ntfs-3g libhivex-bin)  # Windows tests: NTFS test disks (mkntfs, ntfs-3g) and registry hives (hivexget, hivexsh)
