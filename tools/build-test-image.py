@@ -108,6 +108,7 @@ LAYOUTS = {
 # first boot, systemd makes an id), `uninitialized` (a first boot).
 MACHINE_IDS = {"id": lambda: uuid.uuid4().hex + "\n", "empty": lambda: "",
                "uninitialized": lambda: "uninitialized\n"}
+STALE_IMAGE_SECONDS = 3600
 SYSTEMD_BOOT_EFI = "usr/lib/systemd/boot/efi/systemd-bootx64.efi"
 KERNEL_OPTIONS = "console=tty0 console=ttyS0,115200n8"
 # A TCG guest on a busy machine can take minutes to coldplug its disks:
@@ -686,7 +687,8 @@ def cached_image(layout, cache_dir, suite=DEFAULT_SUITE, mirror=None, size_mib=1
     """CACHE_DIR/debian-<suite>-<layout>-<recipe hash>.img, built if missing.
 
     A file lock per layout makes concurrent callers wait for one build; images
-    of the same layout with another recipe hash are removed."""
+    of the same layout with another recipe hash are removed once unused for an
+    hour (another checkout's session may be about to boot one)."""
     recipe = recipe_for(layout, suite, mirror or host_debian_mirror(suite), size_mib)
     cache_dir = Path(cache_dir)
     path = cache_dir / f"debian-{suite}-{layout}-{short_hash(recipe)}.img"
@@ -700,7 +702,9 @@ def cached_image(layout, cache_dir, suite=DEFAULT_SUITE, mirror=None, size_mib=1
         if path.exists():
             return path
         for stale in cache_dir.glob(f"debian-{suite}-{layout}-{'?' * 16}.img"):
-            stale.unlink()
+            with contextlib.suppress(FileNotFoundError):
+                if time.time() - stale.stat().st_mtime > STALE_IMAGE_SECONDS:
+                    stale.unlink()
         build_image(recipe, path, cache_dir)
     return path
 
