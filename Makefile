@@ -16,7 +16,7 @@ HELPER_DIR  ?= /var/lib/snf-image/helper
 OS_SCRIPTS  = create import export rename verify
 OS_DATA     = ganeti_api_version variants.list parameters.list
 
-.PHONY: all install uninstall test test-ganeti demo deps helper bench-copy bench-helper bench-create check-syntax
+.PHONY: all install uninstall test test-ganeti demo deps helper bench bench-copy bench-helper bench-create check-syntax
 
 all: check-syntax
 
@@ -70,6 +70,10 @@ demo: deps
 
 helper: deps
 	$(PYTHON) snf-image-update-helper.py
+
+# every benchmark, one after the other, in one invocation
+bench: deps
+	set -e; for script in tools/bench-*.py; do echo "== $$script"; $(PYTHON) $$script; done
 
 bench-copy: deps
 	$(PYTHON) tools/bench-copy.py

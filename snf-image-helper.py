@@ -96,6 +96,7 @@ MBR_FAMILY_BY_TYPE = {0xA5: "freebsd", 0xA6: "openbsd", 0xA9: "netbsd"}
 MBR_CHECK_BY_TYPE = {0x07: "windows", 0x83: "linux"}
 GPT_FREEBSD_UFS = "516E7CB6-6ECF-11D6-8FF8-00022D09712B"
 GPT_MS_BASIC_DATA = "EBD0A0A2-B9E5-4433-87C0-68B6B72699C7"
+GPT_MS_RESERVED = "E3C9E316-0B5C-4DB8-817D-F92DF00215AE"
 ROOT_FS_RE = {
     "windows": re.compile(r"ntfs|ntfs-3g|vfat|msdos|fat|fuse|fuseblk"),
     "linux": re.compile(r"ext[234]|xfs|jfs|zfs|btrfs|reiserfs|reiser4"),
@@ -554,6 +555,8 @@ def detection_candidates(table):
     if table["label"] == "gpt":
         candidates = []
         for partition in table["partitions"]:
+            if partition["type"] == GPT_MS_RESERVED:      # never holds a file system
+                continue
             if partition["type"] == GPT_FREEBSD_UFS:
                 family = "freebsd"
             elif partition["type"] == GPT_MS_BASIC_DATA:
@@ -581,14 +584,21 @@ def find_case_insensitive(root, relative):
 
 
 def windows_nt_major(root):
-    """Major NT version from the software hive (hivexget), or None."""
+    """Major NT version from the software hive (hivexget), or None.  Windows 10
+    and later keep CurrentVersion at 6.3 and add CurrentMajorVersionNumber."""
     hive = find_case_insensitive(root, "windows/system32/config/software")
     if hive is None:
         return None
-    result = run(["hivexget", hive, "Microsoft\\Windows NT\\CurrentVersion", "CurrentVersion"],
+    result = run(["hivexget", hive, "Microsoft\\Windows NT\\CurrentVersion"],
                  capture=True, check=False)
-    match = re.match(r"\s*(\d+)\.", result.stdout or "")
-    return int(match.group(1)) if result.returncode == 0 and match else None
+    if result.returncode != 0:
+        return None
+    match = re.search(r'^"CurrentMajorVersionNumber"=dword:([0-9a-fA-F]+)\s*$', result.stdout,
+                      re.MULTILINE)
+    if match and int(match.group(1), 16):
+        return int(match.group(1), 16)
+    match = re.search(r'^"CurrentVersion"="\s*(\d+)\.', result.stdout, re.MULTILINE)
+    return int(match.group(1)) if match else None
 
 
 def load_modules(*names):
@@ -619,9 +629,13 @@ def classify_root(root, family):
     """Is the mounted file system `root` the root of an OS of `family`?
     Returns the family (windows becomes windows-legacy before NT 6) or None."""
     if family == "windows":
-        if not find_case_insensitive(root, "windows/system32"):
+        system_hive = find_case_insensitive(root, "windows/system32/config/system")
+        if system_hive is None or not os.path.isfile(system_hive):
             return None
         major = windows_nt_major(root)
+        if major is None:
+            warn("Unable to read the Windows version from the SOFTWARE registry hive; "
+                 "assuming Windows Vista or later")
         return "windows-legacy" if major is not None and major < 6 else "windows"
     return family if os.path.isfile(os.path.join(root, "etc/fstab")) else None
 

@@ -52,7 +52,7 @@ if sys.version_info < (3, 11):
 # ---------------------------------------------------------------------------
 
 # Bump when the root stage changes in a way the cache key does not see.
-ROOT_RECIPE_VERSION = 3
+ROOT_RECIPE_VERSION = 4
 
 HOST_APT_SOURCES = ("/etc/apt/sources.list.d/debian.sources", "/etc/apt/sources.list")
 DATADIR_HELPER = Path("/usr/local/share/snf-image/helper")
@@ -64,6 +64,7 @@ HELPER_PACKAGES = (
     "usr-is-merged", "python3", "util-linux", "e2fsprogs", "fdisk", "gdisk",
     "parted", "dosfstools", "xfsprogs", "btrfs-progs", "ntfs-3g",
     "libhivex-bin", "kmod", "busybox-static", "linux-image-amd64",
+    "openssh-client", "libcrypt1",  # new SSH host keys, yescrypt password hashes
 )
 
 # Modules the initrd loads (with their dependencies) to reach the root disk.
@@ -926,7 +927,9 @@ def prune_root(root):
     gconv = root / "usr/lib/x86_64-linux-gnu/gconv"
     if gconv.is_dir():
         for path in gconv.iterdir():
-            if not (path.name.startswith("gconv-modules") or path.name.startswith(("UTF-", "UNICODE"))):
+            # hivex reads the registry's compressed key names as Latin-1
+            if not (path.name.startswith("gconv-modules") or
+                    path.name.startswith(("UTF-", "UNICODE", "ISO8859-1."))):
                 remove_path(path)
     zoneinfo = root / "usr/share/zoneinfo"
     if zoneinfo.is_dir():

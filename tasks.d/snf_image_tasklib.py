@@ -13,11 +13,15 @@ than one task needs:
   in the image can make a task write outside it.
 * the image's passwd/group/sshd_config, blkid probing, cloud-init files,
   program names (each overridable from the environment, e.g. SFDISK=/sbin/sfdisk).
+* what the image's systemd will do at the next boot: whether it is a first
+  boot (machine-id(5)), which units are pulled in, and whether a unit's
+  conditions hold (see FirstBoot and unit_will_run).
 """
 
 import errno
 import fnmatch
 import os
+import re
 import secrets
 import stat
 import sys
@@ -269,6 +273,19 @@ class ImageRoot:
     def is_link(self, path):
         info = self.stat(path, follow=False)
         return info is not None and stat.S_ISLNK(info.st_mode)
+
+    def readlink(self, path):
+        """Target of the symbolic link `path` (not followed), or None."""
+        try:
+            fd, name, _ = self._parent(path, follow_last=False)
+        except TaskError:
+            return None
+        try:
+            return os.readlink(name, dir_fd=fd)
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
 
     def listdir(self, path):
         try:
@@ -525,3 +542,273 @@ def append_meta_data(root, text):
     if old and not old.endswith("\n"):
         old += "\n"
     root.write(path, old + text, mode=0o600, uid=0, gid=0)
+
+
+# --------------------------------------------------------------------------
+# systemd: first boot, units and their conditions
+# --------------------------------------------------------------------------
+
+ETC_MACHINE_ID = "/etc/machine-id"
+GENERATED_HEADER = "Written by snf-image for this instance"
+# In systemd's order of precedence (/lib for images without a merged /usr).
+UNIT_DIRS = ("/etc/systemd/system", "/usr/local/lib/systemd/system",
+             "/usr/lib/systemd/system", "/lib/systemd/system")
+SYSTEMD_LIB_DIRS = ("/usr/lib/systemd", "/lib/systemd",
+                    "/usr/lib/x86_64-linux-gnu/systemd", "/usr/lib64/systemd")
+# systemd 247 made "uninitialized" in /etc/machine-id mean "first boot".
+UNINITIALIZED_SINCE = 247
+RUNTIME_PATHS = ("/run/", "/proc/", "/sys/", "/dev/", "/tmp/", "/var/run/")
+PULLING_KEYS = ("Wants", "Requires", "Requisite", "BindsTo", "Upholds")
+VIRTUALIZATION_TRUE = {"yes", "true", "1", "vm", "kvm", "qemu"}
+VIRTUALIZATION_FALSE = {"no", "false", "0", "container", "docker", "lxc", "lxc-libvirt",
+                        "podman", "systemd-nspawn", "openvz", "wsl", "proot", "rkt",
+                        "xen", "vmware", "microsoft", "oracle", "bochs", "uml", "zvm",
+                        "parallels", "bhyve", "qnx", "acrn", "powervm", "apple", "sre",
+                        "google", "amazon"}
+
+
+def machine_id_state(root):
+    """"missing", "uninitialized", "empty" or "id": what /etc/machine-id holds."""
+    text = root.read_text(ETC_MACHINE_ID)
+    if text is None:
+        return "missing"
+    text = text.strip()
+    if text == "uninitialized":
+        return "uninitialized"
+    return "empty" if not text else "id"
+
+
+def systemd_version(root):
+    """The image's systemd version (from libsystemd-shared-NNN.so), or None."""
+    for directory in SYSTEMD_LIB_DIRS:
+        for path in root.glob(directory, "libsystemd-shared-*.so"):
+            match = re.search(r"libsystemd-shared-(\d+)", path)
+            if match:
+                return int(match.group(1))
+    return None
+
+
+def is_first_boot(root):
+    """Whether systemd will take the image's next boot for its first boot
+    (machine-id(5), "First Boot Semantics"): /etc/machine-id missing, or
+    holding "uninitialized" (systemd 247 and later).  An empty file is not a
+    first boot: systemd only makes a new id and stores it."""
+    state = machine_id_state(root)
+    if state == "missing":
+        return True
+    if state == "uninitialized":
+        version = systemd_version(root)
+        return version is None or version >= UNINITIALIZED_SINCE
+    return False
+
+
+def split_unit_name(name):
+    """("sshd-keygen@", "rsa", ".service") for an instance, (name, None, "") otherwise."""
+    stem, dot, suffix = name.rpartition(".")
+    if "@" in stem:
+        prefix, _, instance = stem.partition("@")
+        return prefix + "@", instance, dot + suffix
+    return name, None, ""
+
+
+def unit_file(root, name):
+    """Guest path of the file defining unit `name` (an instance falls back
+    to its template), or None."""
+    prefix, instance, suffix = split_unit_name(name)
+    candidates = [name] if instance is None else [name, prefix + suffix]
+    for candidate in candidates:
+        for directory in UNIT_DIRS:
+            path = f"{directory}/{candidate}"
+            if root.exists(path) or root.is_link(path):
+                return path
+    return None
+
+
+def unit_masked(root, name):
+    """Masked: a unit name linked to /dev/null (or an empty file) in a unit directory."""
+    path = unit_file(root, name)
+    if path is None:
+        return False
+    target = root.readlink(path)
+    if target is not None and target.rstrip("/") == "/dev/null":
+        return True
+    info = root.stat(path)
+    return info is not None and info.st_size == 0 and root.is_file(path)
+
+
+def parse_unit(text, settings=None):
+    """{section.key: [values]} of a unit file, merged into `settings`; an
+    empty assignment resets the list, as systemd does."""
+    settings = {} if settings is None else settings
+    section = ""
+    pending = ""
+    for raw in (text or "").splitlines():
+        line = pending + raw.strip()
+        pending = ""
+        if line.endswith("\\"):
+            pending = line[:-1] + " "
+            continue
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            section = line[1:-1]
+            continue
+        key, sep, value = line.partition("=")
+        if not sep:
+            continue
+        key, value = f"{section}.{key.strip()}", value.strip()
+        if value:
+            settings.setdefault(key, []).append(value)
+        else:
+            settings[key] = []
+    return settings
+
+
+def unit_settings(root, name):
+    """The unit's settings with its drop-ins applied, or None when it does not exist."""
+    path = unit_file(root, name)
+    if path is None:
+        return None
+    settings = parse_unit(root.read_text(path))
+    prefix, instance, suffix = split_unit_name(name)
+    names = [name] if instance is None else [prefix + suffix, name]
+    dropins = {}
+    for directory in reversed(UNIT_DIRS):
+        for unit_name in names:
+            for conf in root.glob(f"{directory}/{unit_name}.d", "*.conf"):
+                dropins[conf.rsplit("/", 1)[1]] = conf
+    for conf_name in sorted(dropins):
+        parse_unit(root.read_text(dropins[conf_name]), settings)
+    return settings
+
+
+def expand_specifiers(value, name):
+    """%i %I %n %N %p %% of a unit name; None when another specifier is used."""
+    prefix, instance, suffix = split_unit_name(name)
+    values = {"i": instance or "", "I": instance or "", "n": name,
+              "N": name[:-len(suffix)] if suffix else name.rpartition(".")[0],
+              "p": prefix.rstrip("@") if instance is not None else name.rpartition(".")[0],
+              "%": "%"}
+    out = []
+    index = 0
+    while index < len(value):
+        if value[index] == "%" and index + 1 < len(value):
+            replacement = values.get(value[index + 1])
+            if replacement is None:
+                return None
+            out.append(replacement)
+            index += 2
+            continue
+        out.append(value[index])
+        index += 1
+    return "".join(out)
+
+
+def pulled_units(root):
+    """Units the next boot pulls in: those linked in a *.wants/*.requires
+    directory, and what they Want/Require in turn (an approximation of the
+    boot transaction that errs on the side of including a unit)."""
+    todo = []
+    for directory in UNIT_DIRS:
+        for pattern in ("*.wants", "*.requires"):
+            for wants in root.glob(directory, pattern):
+                todo.extend(root.listdir(wants))
+    seen = set()
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        settings = unit_settings(root, name) or {}
+        for key in PULLING_KEYS:
+            for value in settings.get(f"Unit.{key}", []):
+                for other in value.split():
+                    other = expand_specifiers(other, name)
+                    if other:
+                        todo.append(other)
+    return seen
+
+
+def condition_value(root, key, argument, first_boot):
+    """True/False when a condition (or assertion) can be decided from the image
+    before it boots, None when only the running system could tell."""
+    kind = key.split(".", 1)[1].removeprefix("Condition").removeprefix("Assert")
+    if kind == "FirstBoot":
+        wanted = argument.lower() in ("yes", "true", "1", "on")
+        return wanted == first_boot
+    if kind.startswith(("Path", "File", "Directory")) and \
+            argument.startswith(RUNTIME_PATHS):
+        return None             # made at boot: only the running system can tell
+    if kind == "PathExists":
+        return root.exists(argument) or root.is_link(argument)
+    if kind == "PathExistsGlob":
+        directory, _, pattern = argument.rpartition("/")
+        return bool(root.glob(directory or "/", pattern))
+    if kind == "PathIsDirectory":
+        return root.is_dir(argument)
+    if kind == "PathIsSymbolicLink":
+        return root.is_link(argument)
+    if kind == "FileNotEmpty":
+        info = root.stat(argument)
+        return root.is_file(argument) and info.st_size > 0
+    if kind == "DirectoryNotEmpty":
+        return root.is_dir(argument) and bool(root.listdir(argument))
+    if kind == "FileIsExecutable":
+        info = root.stat(argument)
+        return root.is_file(argument) and bool(info.st_mode & 0o111)
+    if kind == "PathIsReadWrite":
+        # The image's file systems are writable at boot unless its fstab
+        # mounts the root read-only (a path on another mount: cannot tell).
+        if not root.exists(argument):
+            return False
+        return not root_mounted_read_only(root)
+    if kind == "Virtualization":
+        if argument.lower() in VIRTUALIZATION_TRUE:
+            return True
+        if argument.lower() in VIRTUALIZATION_FALSE:
+            return False
+    return None
+
+
+def root_mounted_read_only(root):
+    for line in (root.read_text("/etc/fstab") or "").splitlines():
+        fields = line.split("#", 1)[0].split()
+        if len(fields) >= 4 and fields[1] == "/":
+            return "ro" in fields[3].split(",")
+    return False
+
+
+def unit_conditions_hold(root, name, settings, first_boot):
+    """systemd's rule: every plain condition true, and at least one of the
+    triggering (`|`) ones if there are any; with None for "cannot tell"."""
+    plain, triggering = [], []
+    for key, values in settings.items():
+        if not key.startswith(("Unit.Condition", "Unit.Assert")):
+            continue
+        for value in values:
+            trigger = value.startswith("|")
+            value = value.lstrip("|")
+            negate = value.startswith("!")
+            value = expand_specifiers(value.lstrip("!"), name)
+            result = None if value is None else condition_value(root, key, value, first_boot)
+            if result is not None and negate:
+                result = not result
+            (triggering if trigger else plain).append(result)
+    if False in plain:
+        return False
+    if triggering and True not in triggering:
+        return None if None in triggering else False
+    return None if None in plain else True
+
+
+def unit_will_run(root, name, first_boot=None, pulled=None):
+    """Whether unit `name` runs at the image's next boot: True, False, or None
+    when its conditions cannot be decided offline."""
+    if first_boot is None:
+        first_boot = is_first_boot(root)
+    settings = unit_settings(root, name)
+    if settings is None or unit_masked(root, name):
+        return False
+    if name not in (pulled_units(root) if pulled is None else pulled):
+        return False
+    return unit_conditions_hold(root, name, settings, first_boot)

@@ -7,9 +7,12 @@ import os
 import subprocess
 import sys
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 
-from conftest import REPO
+import pytest
+
+from conftest import REPO, require_programs, require_root
 
 HOST = REPO / "snf-image-host.py"
 
@@ -106,3 +109,18 @@ class HttpServer:
     def close(self):
         self.server.shutdown()
         self.server.server_close()
+
+
+@contextmanager
+def loop_device(backing):
+    """A loop device over the file `backing`, detached afterwards."""
+    require_root()
+    require_programs("losetup")
+    result = subprocess.run(["losetup", "--show", "-f", str(backing)], capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.fail(f"losetup failed: {result.stderr}")
+    device = result.stdout.strip()
+    try:
+        yield device
+    finally:
+        subprocess.run(["losetup", "-d", device], check=False)

@@ -13,6 +13,15 @@ the guest's OWN report: what the booted system sees, not what a task wrote.
 The cloud-init scenario deploys an image with cloud-init installed and
 CLOUD_INIT=yes: the same requests are then fulfilled by cloud-init at first
 boot from the NoCloud seed the tasks wrote.
+
+Today's Debian (13) images add what current distributions do at first boot
+and the network stacks they ship: an XFS root with systemd-networkd only and
+an image machine-id (sshd-keygen.service with ConditionFirstBoot=yes does not
+run: the helper makes the keys), the genericcloud layout booted by UEFI
+firmware with netplan and an `uninitialized` machine-id (a first boot:
+sshd-keygen.service makes the keys, systemd-firstboot must not prompt), and
+NetworkManager with the image's own DHCP profile and an empty machine-id.
+Each is booted once; every assertion is made on that one report.
 """
 
 import base64
@@ -23,6 +32,7 @@ import ipaddress
 import json
 import secrets
 import subprocess
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +40,7 @@ import pytest
 
 import ganeti_env
 import guest
+import images
 from conftest import require_helper_build, require_programs, require_root
 from helpervm import built_helper_dir
 from images import IMAGES_DIR, debian_image
@@ -69,6 +80,11 @@ class Scenario:
     properties: dict
     swap_partition: int       # the swap partition SWAP asks for (0: cloud-init makes a swap file)
     root_partition: int
+    network: str = "ifupdown"  # the image's network stack
+    machine_id: str = "id"     # what the image's /etc/machine-id holds (id, empty, uninitialized)
+    firmware: str = "bios"
+    root_fstype: str = "ext4"
+    first_boot_keygen: bool = False  # the image's own first-boot unit makes the SSH host keys
 
 
 SCENARIOS = {
@@ -77,10 +93,6 @@ SCENARIOS = {
     "mbr": Scenario("mbr", "vm1.example.org",
                     {"OSFAMILY": "linux", "ROOT_PARTITION": "1", "SWAP": f"2:{SWAP_MIB}"},
                     swap_partition=2, root_partition=1),
-    # No OSFAMILY / ROOT_PARTITION: the helper detects them (root is partition 3,
-    # the last one); the image's own swap partition 2 stays, a new one 4 is added.
-    "gpt": Scenario("gpt", "vm2.example.org", {"SWAP": f"4:{SWAP_MIB}"},
-                    swap_partition=4, root_partition=3),
     # Numbered like Debian's official cloud images: root is partition 1 but the
     # last on the disk, after 14 (BIOS boot) and 15 (ESP, vfat /boot/efi in
     # fstab); autodetection; the new swap partition 2 comes after the root.
@@ -90,12 +102,34 @@ SCENARIOS = {
     "mbr-cloudinit": Scenario("mbr-cloudinit", "vm3.example.org",
                               {"OSFAMILY": "linux", "ROOT_PARTITION": "1", "CLOUD_INIT": "yes",
                                "SWAP": f"2:{SWAP_MIB}"},
-                              swap_partition=0, root_partition=1),
+                              swap_partition=0, root_partition=1, network="cloud-init"),
+    # Debian 13: XFS root on GPT (grown while mounted), systemd-networkd only,
+    # predictable names; the image's machine-id is an id, so the next boot is
+    # no first boot and its sshd-keygen.service (ConditionFirstBoot=yes) skips.
+    # No OSFAMILY / ROOT_PARTITION: the helper detects them (root is partition 3,
+    # the last one); the image's own swap partition 2 stays, a new one 4 is added.
+    # (The same layout on Debian 12, ext4, is booted pristine by test_images.)
+    "gpt-xfs": Scenario("gpt-xfs", "vm5.example.org", {"SWAP": f"4:{SWAP_MIB}"},
+                        swap_partition=4, root_partition=3, network="networkd",
+                        root_fstype="xfs"),
+    # Debian 13 genericcloud numbering booted by UEFI firmware, netplan; the
+    # image is prepared for a first boot (`uninitialized`).
+    "gpt-cloud-uefi": Scenario("gpt-cloud-uefi", "vm6.example.org", {"SWAP": f"2:{SWAP_MIB}"},
+                               swap_partition=2, root_partition=1, network="netplan",
+                               machine_id="uninitialized", firmware="uefi",
+                               first_boot_keygen=True),
+    # Debian 13 with NetworkManager and its own DHCP profile for any NIC; an
+    # empty machine-id (no first boot, systemd makes the id).
+    "mbr-nm": Scenario("mbr-nm", "vm7.example.org",
+                       {"OSFAMILY": "linux", "ROOT_PARTITION": "1", "SWAP": f"2:{SWAP_MIB}"},
+                       swap_partition=2, root_partition=1, network="nm", machine_id="empty"),
 }
+PASSWORD_PROBE = "/root/.snf-test-password-probe"   # read (and removed) by the guest's report
 
 
-def personality():
-    """Files to inject: (path, content, owner, group, mode) and their JSON."""
+def personality(password):
+    """Files to inject: (path, content, owner, group, mode) and their JSON; the
+    JSON also carries the password for the guest to check with its own crypt."""
     files = [
         ("/etc/snf-test/motd-extra", b"Deployed by snf-image\n", "root", "root", 0o644),
         ("/home/debian/notes/todo.txt", b"secret notes of debian\n", "debian", "debian", 0o600),
@@ -107,6 +141,8 @@ def personality():
         if owner:
             entry.update(owner=owner, group=group, mode=mode)
         entries.append(entry)
+    entries.append({"path": PASSWORD_PROBE, "owner": "root", "group": "root", "mode": 0o600,
+                    "contents": base64.b64encode(password.encode() + b"\n").decode()})
     return files, json.dumps(entries)
 
 
@@ -140,15 +176,32 @@ def partition_table(path):
 
 
 def files_in_image(image, partition_number, paths):
-    """Read files from a partition of an image without mounting it (debugfs)."""
+    """Read files from a partition of an image: ext4 through debugfs (no
+    mount), XFS mounted read-only without log recovery (the image is ours)."""
     part = next(p for p in partition_table(image)["partitions"]
                 if p["node"].rsplit("img", 1)[1] == str(partition_number))
     device = subprocess.run(["losetup", "--find", "--show", "--read-only",
                              "--offset", str(part["start"] * 512), "--sizelimit", str(part["size"] * 512),
                              str(image)], check=True, capture_output=True, text=True).stdout.strip()
     try:
-        return {path: subprocess.run(["debugfs", "-R", f"cat {path}", device], check=True,
-                                     capture_output=True, text=True).stdout for path in paths}
+        fstype = subprocess.run(["blkid", "-p", "-o", "value", "-s", "TYPE", device],
+                                capture_output=True, text=True).stdout.strip()
+        if fstype != "xfs":
+            return {path: subprocess.run(["debugfs", "-R", f"cat {path}", device], check=True,
+                                         capture_output=True, text=True).stdout for path in paths}
+        with tempfile.TemporaryDirectory(prefix="snf-e2e-ro-") as mount_point:
+            subprocess.run(["mount", "-t", "xfs", "-o", "ro,norecovery", device, mount_point],
+                           check=True)
+            try:
+                files = {}
+                for path in paths:
+                    try:
+                        files[path] = (Path(mount_point) / path.lstrip("/")).read_text()
+                    except FileNotFoundError:
+                        files[path] = ""
+                return files
+            finally:
+                subprocess.run(["umount", mount_point], check=False)
     finally:
         subprocess.run(["losetup", "-d", device], check=False)
 
@@ -188,7 +241,7 @@ def deploy_and_boot(scenario, workdir):
 
     password = "Pw-" + secrets.token_urlsafe(12)
     keys = ssh_public_keys(workdir)
-    files, personality_json = personality()
+    files, personality_json = personality(password)
     properties = dict(scenario.properties, USERS="root debian",
                       CUSTOM_TASK=base64.b64encode(CUSTOM_TASK.encode()).decode())
     osparams = {"img_id": image.name, "img_format": "diskdump", "img_passwd": password,
@@ -206,14 +259,16 @@ def deploy_and_boot(scenario, workdir):
     deployment = Deployment(scenario, password, keys, files, create, disk, pristine)
     assert create.returncode == 0, (f"create failed (exit {create.returncode}); log tail:\n"
                                     + "\n".join((create.stdout + create.stderr).splitlines()[-40:]))
-    deployment.report = guest.boot(disk, GUEST_NICS, keep_dir=workdir / "guest")
+    deployment.report = guest.boot(disk, GUEST_NICS, keep_dir=workdir / "guest",
+                                   firmware=scenario.firmware)
     return deployment
 
 
 @pytest.fixture(scope="module", params=list(SCENARIOS))
 def deployment(request, tmp_path_factory):
     require_root()
-    require_programs("qemu-system-x86_64", "mmdebstrap", "ssh-keygen", "debugfs", "sfdisk")
+    require_programs("qemu-system-x86_64", "mmdebstrap", "ssh-keygen", "debugfs", "sfdisk",
+                     "mkfs.xfs", "mcopy")
     require_helper_build()
     scenario = SCENARIOS[request.param]
     return deploy_and_boot(scenario, tmp_path_factory.mktemp(f"e2e-{scenario.layout}"))
@@ -278,7 +333,7 @@ def test_swap(deployment):
     else:
         # cloud-init: a swap file instead of the partition.
         assert any(s[1] == "file" for s in swaps), swaps
-    if deployment.scenario.layout == "gpt":
+    if deployment.scenario.layout == "gpt-xfs":
         assert any(s[0] == "/dev/vda2" for s in swaps), "the image's own swap partition stays in use"
 
 
@@ -383,3 +438,104 @@ def test_custom_task_ran(deployment):
     changed = deployment.report.changed_files()
     expected = f"custom task ran for {deployment.scenario.instance}\n".encode()
     assert changed["/etc/snf-test-custom-task"]["sha256"] == hashlib.sha256(expected).hexdigest()
+
+
+# ----------------------------------------------------------------- first boot, sshd
+
+def pristine_fingerprints(deployment):
+    return {fingerprint(text) for text in deployment.pristine.values()
+            if text.startswith(("ssh-", "ecdsa-"))}
+
+
+def unit_states(report):
+    """{unit: {property: value}} from `systemctl show` of the first-boot units."""
+    units = {}
+    for block in report.text("first_boot_units").split("\n\n"):
+        values = dict(line.split("=", 1) for line in block.splitlines() if "=" in line)
+        if "Id" in values:
+            units[values["Id"]] = values
+    return units
+
+
+def test_sshd_serves_the_new_host_keys(deployment):
+    report = deployment.report
+    assert report.text("sshd_active").strip() == "active", report.text("journal_warnings")[-3000:]
+    served = {line.split()[1] for line in report.text("sshd_served_keys").splitlines() if line.strip()}
+    on_disk = {line.split()[1] for line in report.keys_with_prefix("ssh_host_key:").values()}
+    assert served and served <= on_disk, (served, on_disk)
+    assert not served & pristine_fingerprints(deployment)
+
+
+def test_one_new_machine_id_and_first_boot_units(deployment):
+    scenario, report = deployment.scenario, deployment.report
+    machine_id = report.text("machine_id").strip()
+    assert report.text("dbus_machine_id").strip() == machine_id, "D-Bus and systemd disagree"
+    units = unit_states(report)
+    first_boot = scenario.machine_id == "uninitialized"
+    for unit in ("systemd-firstboot.service", "sshd-keygen.service"):
+        if units.get(unit, {}).get("ActiveState") is None or not today(scenario):
+            continue
+        assert units[unit]["ConditionResult"] == ("yes" if first_boot else "no"), units[unit]
+        if first_boot:
+            assert (units[unit]["ActiveState"], units[unit]["Result"]) == ("active", "success")
+    log = deployment.create.stdout + deployment.create.stderr
+    if scenario.first_boot_keygen:
+        assert "sshd-keygen.service makes new host keys at its first boot" in log
+        # The wizard runs (first boot) but without its console prompts.
+        assert "systemd-firstboot.service will run without prompting" in log
+    elif not cloud_init(deployment):
+        assert "New SSH host keys made" in log
+    if today(scenario) and not first_boot:
+        assert "sshd-keygen.service will not run at the next boot (not a first boot)" in log
+
+
+def today(scenario):
+    return images.LAYOUTS[scenario.layout] == images.TODAY_SUITE
+
+
+def test_password_verified_by_the_guest_and_hashed_as_the_image_expects(deployment):
+    report = deployment.report
+    for user in ("root", "debian"):
+        assert report.rc(f"password_verified:{user}") == 0, f"{user}: the guest's crypt refuses it"
+    if cloud_init(deployment):
+        return
+    shadow = {line.split(":")[0]: line.split(":")[1]
+              for line in report.text("shadow").splitlines() if line}
+    # Debian 11 and later hash with yescrypt (pam_unix ... yescrypt).
+    assert shadow["root"].startswith("$y$") and shadow["debian"].startswith("$y$"), shadow
+
+
+# ----------------------------------------------------------------- network stacks as shipped
+
+def test_network_stack_of_the_image(deployment):
+    scenario, report = deployment.scenario, deployment.report
+    static_if, _ = addresses(report, STATIC_NIC["mac"])
+    dhcp_if, _ = addresses(report, DHCP_NIC["mac"])
+    if scenario.network == "nm":
+        connections = [line.split(":") for line in report.text("nmcli_connections").splitlines()]
+        names = {fields[0] for fields in connections}
+        assert "Wired connection 1" not in names, "the image's own profile must be out of use"
+        active = {fields[2]: fields[0] for fields in connections if fields[3] == "yes"}
+        assert active.get(static_if) == "snf-image eth0" and active.get(dhcp_if) == "snf-image eth1", \
+            connections
+        devices = {fields[0]: fields for fields in
+                   (line.split(":") for line in report.text("nmcli_devices").splitlines())}
+        assert devices[static_if][2] == "connected", devices
+        changed = deployment.report.changed_files()
+        assert "/etc/NetworkManager/snf-image-disabled/Wired connection 1.nmconnection" in changed
+        assert "file:/etc/NetworkManager/system-connections/Wired connection 1.nmconnection" \
+            not in report
+    elif scenario.network == "netplan":
+        assert "file:/etc/netplan/50-snf-image.yaml" in report
+        assert "file:/etc/netplan/50-image.yaml" not in report, "the image's netplan file stays active"
+        assert (static_if, dhcp_if) == ("eth0", "eth1")
+    elif scenario.network == "networkd":
+        # Predictable names stay: networkd matches the NICs by MAC address.
+        assert static_if.startswith("en") and dhcp_if.startswith("en"), (static_if, dhcp_if)
+        assert "file:/etc/systemd/network/10-snf-image-eth0.network" in report
+
+
+def test_root_filesystem_type_and_firmware(deployment):
+    scenario, report = deployment.scenario, deployment.report
+    assert report.text("df_root").splitlines()[1].split()[1] == scenario.root_fstype
+    assert (report.rc("uefi") == 0) == (scenario.firmware == "uefi")

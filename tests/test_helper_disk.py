@@ -178,8 +178,10 @@ def test_classify_windows_root(tmp_path):
     # The Windows branch after the mount (the host kernel here has neither
     # vfat nor NTFS; the helper mounts NTFS with lowntfs-3g ignore_case).
     assert helper.classify_root(str(tmp_path), "windows") is None
-    (tmp_path / "WINDOWS" / "system32").mkdir(parents=True)
-    assert helper.classify_root(str(tmp_path), "windows") == "windows"   # no hive: NT version unknown
+    (tmp_path / "WINDOWS" / "system32" / "CONFIG").mkdir(parents=True)
+    assert helper.classify_root(str(tmp_path), "windows") is None      # no SYSTEM hive
+    (tmp_path / "WINDOWS" / "system32" / "CONFIG" / "system").write_bytes(b"")
+    assert helper.classify_root(str(tmp_path), "windows") == "windows"   # no SOFTWARE: NT version unknown
     assert helper.classify_root(str(tmp_path), "linux") is None
     (tmp_path / "etc").mkdir()
     (tmp_path / "etc" / "fstab").write_text("")

@@ -1,8 +1,10 @@
 """The Debian test images themselves: layout on disk, and a pristine boot.
 
-Before any deployment, each image (tools/build-test-image.py, cached by
-tests/images.py) must boot under qemu TCG and print its report: that is what
-the end-to-end tests rely on when they boot a deployed disk.
+Before any deployment, each Debian 12 image (tools/build-test-image.py,
+cached by tests/images.py) must boot under qemu TCG and print its report:
+that is what the end-to-end tests rely on when they boot a deployed disk.
+Today's images are booted once only, deployed (tests/test_e2e_linux.py):
+their layout is checked here.
 """
 
 import json
@@ -12,7 +14,7 @@ import pytest
 
 import guest
 from conftest import require_programs, require_root
-from images import LAYOUTS, builder, debian_image
+from images import LAYOUTS, SUITE, builder, debian_image
 
 MIB = 1024 * 1024
 GIB = 1024 * MIB
@@ -89,11 +91,20 @@ def test_guest_that_never_reports_times_out_and_qemu_is_killed(tmp_path):
 
 # ----------------------------------------------------------------- images on disk
 
-@pytest.fixture(scope="module", params=LAYOUTS)
-def image(request):
+def built(layout):
     require_root()
     require_programs("mmdebstrap", "sfdisk", "sgdisk", "extlinux", "mkfs.ext4", "losetup")
-    return request.param, debian_image(request.param)
+    return layout, debian_image(layout)
+
+
+@pytest.fixture(scope="module", params=list(LAYOUTS))
+def image(request):
+    return built(request.param)
+
+
+@pytest.fixture(scope="module", params=[layout for layout in LAYOUTS if LAYOUTS[layout] == SUITE])
+def debian12_image(request):
+    return built(request.param)
 
 
 def partition_table(path):
@@ -120,7 +131,7 @@ def test_image_layout(image):
         assert len(parts) == 1 and parts[0]["bootable"] and parts[0]["type"] == "83"
         assert filesystem_type(path, parts[0]["start"] * 512) == "ext4"
         assert boot_code == open("/usr/lib/syslinux/mbr/mbr.bin", "rb").read()[:440]
-    elif layout == "gpt-cloud":
+    elif layout.startswith("gpt-cloud"):
         assert table["label"] == "gpt"
         numbered = {int(p["node"].rsplit("img", 1)[1]): p for p in parts}
         assert sorted(numbered) == [1, 14, 15]
@@ -131,21 +142,27 @@ def test_image_layout(image):
         assert "LegacyBIOSBootable" in root.get("attrs", "")
         assert filesystem_type(path, esp["start"] * 512) == "vfat"
         assert filesystem_type(path, root["start"] * 512) == "ext4"
+        if layout == "gpt-cloud-uefi":
+            listing = subprocess.run(["mdir", "-b", "-i", f"{path}@@{esp['start'] * 512}", "::/EFI/BOOT"],
+                                     capture_output=True, text=True, check=True,
+                                     env={"MTOOLS_SKIP_CHECK": "1", "PATH": "/usr/bin:/bin"}).stdout
+            assert "BOOTX64.EFI" in listing.upper()
     else:
         assert table["label"] == "gpt"
         boot, swap, root = parts
         assert "LegacyBIOSBootable" in boot.get("attrs", "")
         assert swap["type"] == "0657FD6D-A4AB-43C4-84E5-0933C84B4F4F"
         assert root["start"] > swap["start"] > boot["start"], "root must be the last partition"
-        assert [filesystem_type(path, p["start"] * 512) for p in parts] == ["ext4", "swap", "ext4"]
+        root_fstype = "xfs" if layout == "gpt-xfs" else "ext4"
+        assert [filesystem_type(path, p["start"] * 512) for p in parts] == ["ext4", "swap", root_fstype]
         assert boot_code == open("/usr/lib/syslinux/mbr/gptmbr.bin", "rb").read()[:440]
 
 
 @pytest.mark.root
 @pytest.mark.qemu
 @pytest.mark.slow
-def test_pristine_image_boots_and_reports(image, tmp_path):
-    layout, path = image
+def test_pristine_image_boots_and_reports(debian12_image, tmp_path):
+    layout, path = debian12_image
     require_programs(guest.QEMU)
     before = path.stat().st_mtime_ns
     report = guest.boot(path, NICS, snapshot=True, keep_dir=tmp_path)

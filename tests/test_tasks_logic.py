@@ -112,15 +112,18 @@ def test_hash_password_uses_fresh_salts_and_verifies():
     assert first != second and first.startswith("$6$")
     assert CRYPT("secret", first) == first
     assert CRYPT("secret", PASSWORD.hash_password("secret", "md5")).startswith("$1$")
+    assert CRYPT("secret", PASSWORD.hash_password("secret", "blowfish")).startswith("$2b$")
     with pytest.raises(TaskError, match="not supported"):
-        PASSWORD.hash_password("secret", "blowfish")
+        PASSWORD.hash_password("secret", "sha1")
 
 
 def test_hashing_method_choice():
-    assert PASSWORD.choose_method(None, None) == "sha512"
-    assert PASSWORD.choose_method(None, "ENCRYPT_METHOD SHA256\n") == "sha256"
-    assert PASSWORD.choose_method(None, "# ENCRYPT_METHOD MD5\nENCRYPT_METHOD YESCRYPT\n") == "sha512"
-    assert PASSWORD.choose_method("MD5", "ENCRYPT_METHOD SHA256") == "md5"
+    assert PASSWORD.choose_method(None, None) == ("sha512", False)
+    assert PASSWORD.choose_method(None, "ENCRYPT_METHOD SHA256\n") == ("sha256", False)
+    assert PASSWORD.choose_method(None, "# ENCRYPT_METHOD MD5\nENCRYPT_METHOD YESCRYPT\n") == \
+        ("yescrypt", False)
+    assert PASSWORD.choose_method(None, "ENCRYPT_METHOD DES\n") == ("sha512", False)
+    assert PASSWORD.choose_method("MD5", "ENCRYPT_METHOD SHA256") == ("md5", True)
     with pytest.raises(TaskError, match="Invalid PASSWD_HASHING_METHOD"):
         PASSWORD.choose_method("rot13", None)
 

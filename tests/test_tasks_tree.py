@@ -1,7 +1,7 @@
 """The real task scripts of tasks.d/ run against image trees in a directory
 (SNF_IMAGE_TARGET pointing at it, as after MountImage): the cloud-init path,
 each network stack, the distribution-specific hostname files, machine-id,
-personality escapes through the real script, Windows refusals, the custom
+personality escapes through the real script, Windows without hives, the custom
 task.  Tasks that only edit files need no disk; ownership needs root."""
 
 import base64
@@ -254,12 +254,14 @@ def test_personality_escape_through_symlinked_parent(run, tmp_path):
     assert inside.read_text() == "ok"
 
 
-def test_windows_tasks_refuse_and_linux_skips(run, tmp_path):
+def test_windows_tasks_skip_linux_and_need_hives(run, tmp_path):
     root = tree(tmp_path / "root", BASE)
     for task in ("35InstallUnattend", "50DisableRemoteDesktopConnections"):
         assert run(task, root).stderr == ""
         result = run(task, root, {"SNF_IMAGE_PROPERTY_OSFAMILY": "windows"}, check=False)
-        assert result.returncode == 1 and "not implemented yet" in result.stderr
+        assert result.returncode == 1
+        assert result.stderr.splitlines()[-1] == \
+            "ERROR: The SYSTEM registry hive is missing or is not a hive file"
 
 
 def test_custom_task(run, tmp_path):

@@ -1,27 +1,35 @@
 #!/usr/bin/env python3
-"""Copy benchmark (`make bench-copy`): snf-image-host.py's O_DIRECT copier
-against GNU dd on the same targets, in the same run.
+"""Copy benchmark (`make bench-copy`, part of `make bench`): snf-image-host.py's
+copier against dd and qemu-img on the same loop device, in the same run.
 
-A 2 GiB image (random data) is written onto a loop device and onto a regular
-file, by `snf-image-host.py deploy --no-helper` (the real create copy path,
-process start included) and by `dd bs=1M oflag=direct` and
-`dd bs=4M oflag=direct` (both with conv=notrunc,fsync, since ours fsyncs too),
-interleaved round by round. Prints MiB/s medians per tool and target and the
-median throughput ratio ours / better dd (goal ≥ 1.0). Also measures ours
-without read/write overlap (COPY_OVERLAP=no) and with 4 writes in flight
-(COPY_WRITERS=4), to show what each buys.
-Ours is started the way Ganeti starts it: snf-image-host.py is installed in
-an OS directory of the work dir with its bytecode precompiled (as `make
-install` does), next to a `deploy` wrapper made from os-def/create by
-changing only the verb, so the same loader (the module, not a script, with
-its __pycache__) runs; PYTHONDONTWRITEBYTECODE is removed from its
-environment, as production has no such variable.
-Needs root (loop device). Usage: bench-copy.py [--size-mib N] [--rounds N] [--dir DIR]
+Cases, each printed as median seconds per tool and the ratio of medians
+(throughput of ours / baseline, higher is better), with the goals:
+  sparse  a raw image of --sparse-mib (4 GiB) holding --data-mib (800 MiB) of
+          random data in 4 MiB extents, the rest holes, onto a loop device whose
+          old content is random (refilled before every run, so nobody can skip
+          zeroing): against `dd bs=4M oflag=direct` (goal >= 3) and
+          `qemu-img convert -n -t none` (goal >= 1);
+  qcow2   the same image as qcow2, against `qemu-img convert -n -t none` of
+          that qcow2 (goal >= 0.9);
+  dense   a random image of --dense-mib (2 GiB): against dd bs=4M oflag=direct
+          (goal >= 1.0, no regression);
+  xz      pipelining: an xz-compressed image of --xz-mib (random data): ours
+          against the time of decompressing alone plus writing alone (the sum a
+          serial copier would take) and against the larger of the two (perfect
+          overlap).
+Tools run interleaved, round by round, in rotated order (the machine is shared):
+medians over --rounds. Ours is started the way Ganeti starts it: the host
+program installed with its bytecode next to a `deploy` wrapper made from
+os-def/create, run as `deploy --no-helper` (process start-up included).
+The sparse result is compared byte for byte with the image once.
+Needs root (loop device). Uses about sparse + data + dense + 2 x xz MiB of
+--dir, removed at the end.
 """
 
 import argparse
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -35,6 +43,7 @@ PYTHON = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.execu
 HOST = REPO / "snf-image-host.py"
 CREATE_WRAPPER = REPO / "os-def" / "create"
 MIB = 1024 * 1024
+EXTENT = 4 * MIB
 
 
 def install_os_dir(os_dir):
@@ -61,119 +70,182 @@ def production_environment(**extra):
     return environment
 
 
-def make_image(path, size):
+def write_random(handle, length):
+    while length:
+        chunk = os.urandom(min(length, 16 * MIB))
+        handle.write(chunk)
+        length -= len(chunk)
+
+
+def make_sparse_image(path, size, data):
+    """`data` bytes of random 4 MiB extents spread evenly over `size`, holes between."""
+    extents = data // EXTENT
+    stride = size // extents // EXTENT * EXTENT
     with open(path, "wb") as handle:
-        left = size
-        while left:
-            chunk = os.urandom(min(left, 16 * MIB))
-            handle.write(chunk)
-            left -= len(chunk)
+        handle.truncate(size)
+        for index in range(extents):
+            handle.seek(index * stride)
+            write_random(handle, EXTENT)
+
+
+def make_dense_image(path, size):
+    with open(path, "wb") as handle:
+        write_random(handle, size)
+
+
+def run(argv, env=None, stdin=None):
+    result = subprocess.run(argv, env=env, stdin=stdin, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    if result.returncode != 0:
+        sys.exit(f"bench-copy: {' '.join(map(str, argv))} failed: {result.stderr.decode()[-500:]}")
 
 
 def timed(argv, env=None):
     started = time.monotonic()
-    result = subprocess.run(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    elapsed = time.monotonic() - started
-    if result.returncode != 0:
-        sys.exit(f"bench-copy: {' '.join(map(str, argv))} failed: {result.stderr.decode()[-500:]}")
-    return elapsed
+    run(argv, env)
+    return time.monotonic() - started
+
+
+def timed_shell(command):
+    started = time.monotonic()
+    subprocess.run(["sh", "-c", command], check=True, stdout=subprocess.DEVNULL)
+    return time.monotonic() - started
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--size-mib", type=int, default=2048)
-    parser.add_argument("--rounds", type=int, default=11,
+    parser.add_argument("--sparse-mib", type=int, default=4096)
+    parser.add_argument("--data-mib", type=int, default=800)
+    parser.add_argument("--dense-mib", type=int, default=2048)
+    parser.add_argument("--xz-mib", type=int, default=256)
+    parser.add_argument("--rounds", type=int, default=5,
                         help="interleaved rounds (the machine is shared: more rounds, steadier medians)")
-    parser.add_argument("--dir", default="/var/tmp", help="where the image and targets live")
+    parser.add_argument("--dir", default="/var/tmp", help="where the images and the loop device's file live")
     options = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench-copy: needs root (loop device)")
-    size = options.size_mib * MIB
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("bench-copy: terminated"))   # clean up on kill
+    for program in ("qemu-img", "dd", "losetup", "xz", "cmp"):
+        if shutil.which(program) is None:
+            sys.exit(f"bench-copy: needs {program}")
+    sparse_size, dense_size = options.sparse_mib * MIB, options.dense_mib * MIB
     work = Path(tempfile.mkdtemp(prefix="snf-bench-copy-", dir=options.dir))
     loop = None
     try:
         images = work / "images"
         images.mkdir()
-        image = images / "bench.img"
-        print(f"bench-copy: writing a {options.size_mib} MiB random image in {work}", flush=True)
-        make_image(image, size)
-        file_target = work / "target.file"
-        loop_backing = work / "target.loop"
-        for target in (file_target, loop_backing):
-            with open(target, "wb") as handle:
-                handle.truncate(size + 64 * MIB)
-        loop = subprocess.run(["losetup", "--show", "-f", str(loop_backing)], capture_output=True,
+        print(f"bench-copy: load {Path('/proc/loadavg').read_text().strip()}; preparing images in {work}",
+              flush=True)
+        sparse = images / "sparse.img"
+        make_sparse_image(sparse, sparse_size, options.data_mib * MIB)
+        qcow2 = images / "sparse.qcow2"
+        run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(sparse), str(qcow2)])
+        dense = images / "dense.img"
+        make_dense_image(dense, dense_size)
+        xz_raw = work / "xz.raw"
+        make_dense_image(xz_raw, options.xz_mib * MIB)
+        xz_image = images / "packed.img.xz"
+        with open(xz_image, "wb") as out:
+            subprocess.run(["xz", "-0", "-T0", "-c", str(xz_raw)], stdout=out, check=True)
+        xz_raw.unlink()
+        pattern = work / "old-data"
+        with open(pattern, "wb") as handle:
+            write_random(handle, 64 * MIB)
+        backing = work / "target.loop"
+        with open(backing, "wb") as handle:
+            handle.truncate(max(sparse_size, dense_size) + 64 * MIB)
+        loop = subprocess.run(["losetup", "--show", "-f", str(backing)], capture_output=True,
                               text=True, check=True).stdout.strip()
         deploy = install_os_dir(work / "os")
         variants = work / "variants"
         variants.mkdir()
         (variants / "default.conf").write_text("")
-        configs = {}
-        for name, extra in (("default", ""), ("serial", 'COPY_OVERLAP="no"\n'),
-                            ("writers", 'COPY_WRITERS="4"\n')):
-            conf = work / f"conf-{name}"
-            conf.write_text(f'IMAGE_DIR="{images}"\nVARIANTS_DIR="{variants}"\nPROGRESS_INTERVAL="600"\n'
-                            + extra)
-            configs[name] = production_environment(SNF_IMAGE_CONFIG=str(conf))
-        subprocess.run(["cat", str(image)], stdout=subprocess.DEVNULL, check=True)   # warm page cache
-        # Warm-up: allocate the (sparse) backing files once, so no tool pays for it in round 1.
-        for target in (loop, file_target):
-            timed(["dd", f"if={image}", f"of={target}", "bs=4M", "oflag=direct", "conv=notrunc,fsync",
-                   "status=none"])
+        conf = work / "snf-image.conf"
+        conf.write_text(f'IMAGE_DIR="{images}"\nVARIANTS_DIR="{variants}"\nPROGRESS_INTERVAL="600"\n')
+        environment = production_environment(SNF_IMAGE_CONFIG=str(conf))
 
-        def ours(target, overlap="default"):
-            return [str(deploy), "--disk", str(target), "--img-id", "bench.img",
-                    "--img-format", "diskdump", "--no-helper"], configs[overlap]
+        def refill():
+            """Old random data over the whole image range (64 MiB pattern repeated)."""
+            with open(pattern, "rb") as source:
+                block = source.read()
+            fd = os.open(loop, os.O_WRONLY)
+            try:
+                for offset in range(0, sparse_size, len(block)):
+                    os.pwrite(fd, block[:sparse_size - offset], offset)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            run(["sync"])
 
-        def dd(target, block):
-            return [shutil.which("dd") or "dd", f"if={image}", f"of={target}", f"bs={block}",
-                    "oflag=direct", "conv=notrunc,fsync", "status=none"], None
+        def ours(name):
+            return [str(deploy), "--disk", loop, "--img-id", name, "--img-format", "diskdump", "--no-helper"]
 
-        tools = {
-            "ours": lambda t: ours(t),
-            "ours (no overlap)": lambda t: ours(t, "serial"),
-            "ours (4 writers)": lambda t: ours(t, "writers"),
-            "dd bs=1M oflag=direct": lambda t: dd(t, "1M"),
-            "dd bs=4M oflag=direct": lambda t: dd(t, "4M"),
+        def dd(image):
+            return ["dd", f"if={image}", f"of={loop}", "bs=4M", "oflag=direct", "conv=notrunc,fsync", "status=none"]
+
+        def qemu_img(image, fmt):
+            return ["qemu-img", "convert", "-n", "-f", fmt, "-O", "raw", "-t", "none", str(image), loop]
+
+        cases = {   # case: {tool: (argv, old data first)}
+            "sparse": {"ours": (ours("sparse.img"), True), "dd": (dd(sparse), True),
+                       "qemu-img": (qemu_img(sparse, "raw"), True)},
+            "qcow2": {"ours": (ours("sparse.qcow2"), True), "qemu-img": (qemu_img(qcow2, "qcow2"), True)},
+            "dense": {"ours": (ours("dense.img"), False), "dd": (dd(dense), False)},
         }
-        targets = {"loop device": loop, "file": file_target}
-        timed(*ours(file_target))     # ours once too: its bytecode is then read from a warm cache
-        rates = {(t, name): [] for t in targets for name in tools}
+        for image in (sparse, qcow2, dense, xz_image):
+            run(["cat", str(image)], stdin=subprocess.DEVNULL)     # every tool then reads from the page cache
+        # correctness once, and a warm-up of every path
+        refill()
+        timed(ours("sparse.img"), environment)
+        run(["cmp", "-n", str(sparse_size), str(sparse), loop])
+        print("bench-copy: the sparse copy over old random data reads back as the image", flush=True)
+        timed(ours("sparse.qcow2"), environment)
+        run(["cmp", "-n", str(sparse_size), str(sparse), loop])
+
+        times = {(case, tool): [] for case, tools in cases.items() for tool in tools}
+        xz_times = {"ours (xz image)": [], "decompress only": [], "write only": []}
+        xz_write_image = work / "xz-plain.img"
+        subprocess.run(["sh", "-c", f"xz -dc {xz_image} > {xz_write_image}"], check=True)
+        os.link(xz_write_image, images / "xz-plain.img")
         for round_number in range(options.rounds):
-            for target_name, target in targets.items():
-                order = list(tools)
-                order = order[round_number % len(order):] + order[:round_number % len(order)]
-                for name in order:
-                    argv, env = tools[name](target)
-                    elapsed = timed(argv, env)
-                    rates[(target_name, name)].append(size / MIB / elapsed)
+            runs = [(case, tool) for case, tools in cases.items() for tool in tools]
+            shift = round_number % len(runs)
+            for case, tool in runs[shift:] + runs[:shift]:
+                argv, old_data = cases[case][tool]
+                if old_data:
+                    refill()
+                times[(case, tool)].append(timed(argv, environment if tool == "ours" else None))
+            xz_times["ours (xz image)"].append(timed(ours("packed.img.xz"), environment))
+            xz_times["decompress only"].append(timed_shell(f"xz -dc -T0 {xz_image} > /dev/null"))
+            xz_times["write only"].append(timed(ours("xz-plain.img"), environment))
             print(f"bench-copy: round {round_number + 1}/{options.rounds} done", flush=True)
+
         print()
-        print(f"{'target':<12} {'tool':<24} {'median MiB/s':>12}   runs")
-        ratios = []
-        for target_name in targets:
-            medians = {}
-            for name in tools:
-                values = rates[(target_name, name)]
-                medians[name] = statistics.median(values)
-                print(f"{target_name:<12} {name:<24} {medians[name]:>12.0f}   "
-                      + " ".join(f"{v:.0f}" for v in values))
-            best_dd = max(medians["dd bs=1M oflag=direct"], medians["dd bs=4M oflag=direct"])
-            ratio = medians["ours"] / best_dd
-            ratios.append(ratio)
-            # the same ratio per round (neighbours in time), robust against a busy machine
-            paired = statistics.median(
-                ours / max(dd1, dd4) for ours, dd1, dd4 in zip(rates[(target_name, "ours")],
-                                                               rates[(target_name, "dd bs=1M oflag=direct")],
-                                                               rates[(target_name, "dd bs=4M oflag=direct")]))
-            overlap_gain = medians["ours"] / medians["ours (no overlap)"]
-            writers_gain = medians["ours (4 writers)"] / medians["ours"]
-            print(f"{target_name:<12} ratio ours / better dd = {ratio:.2f} (median of per-round ratios "
-                  f"{paired:.2f}); overlap vs none: {overlap_gain:.2f}x; 4 writers vs 1: {writers_gain:.2f}x")
+        print(f"{'case':<8} {'tool':<18} {'median s':>9}   runs (s)")
+        medians = {}
+        for (case, tool), values in times.items():
+            medians[(case, tool)] = statistics.median(values)
+            print(f"{case:<8} {tool:<18} {medians[(case, tool)]:>9.2f}   " + " ".join(f"{v:.2f}" for v in values))
+        for name, values in xz_times.items():
+            print(f"{'xz':<8} {name:<18} {statistics.median(values):>9.2f}   " + " ".join(f"{v:.2f}" for v in values))
         print()
-        print("bench-copy: median throughput ratio ours / better dd: "
-              + ", ".join(f"{name} {r:.2f}" for name, r in zip(targets, ratios))
-              + "  (goal >= 1.0)")
+
+        def ratio(case, baseline):
+            return medians[(case, baseline)] / medians[(case, "ours")]
+
+        print(f"bench-copy: sparse {options.sparse_mib} MiB image holding {options.data_mib} MiB, over old "
+              f"random data: ours / dd = {ratio('sparse', 'dd'):.2f} (goal >= 3), "
+              f"ours / qemu-img = {ratio('sparse', 'qemu-img'):.2f} (goal >= 1)")
+        print(f"bench-copy: the same as qcow2: ours / qemu-img = {ratio('qcow2', 'qemu-img'):.2f} (goal >= 0.9)")
+        print(f"bench-copy: dense {options.dense_mib} MiB image: ours / dd = {ratio('dense', 'dd'):.2f} "
+              "(goal >= 1.0)")
+        decompress = statistics.median(xz_times["decompress only"])
+        write = statistics.median(xz_times["write only"])
+        packed = statistics.median(xz_times["ours (xz image)"])
+        print(f"bench-copy: xz image of {options.xz_mib} MiB: ours {packed:.2f} s against decompress + write "
+              f"{decompress + write:.2f} s (serial; ratio {(decompress + write) / packed:.2f}) and "
+              f"max(decompress, write) {max(decompress, write):.2f} s (perfect overlap; ratio "
+              f"{max(decompress, write) / packed:.2f})")
+        print(f"bench-copy: load at the end {Path('/proc/loadavg').read_text().strip()}")
         return 0
     finally:
         if loop:

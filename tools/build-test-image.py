@@ -18,6 +18,16 @@ Layouts:
                  LAST on the disk; extlinux on the root; ifupdown
   mbr-cloudinit  as mbr, with cloud-init installed (NoCloud seed expected)
 
+Today's images (meant for --suite trixie; one rootfs with every network
+stack, each image purges the stacks it does not use):
+  gpt-xfs        as gpt with an XFS root, systemd-networkd only; machine-id
+                 holds an id (an image that was not cleaned)
+  gpt-cloud-uefi as gpt-cloud, netplan (networkd renderer), systemd-boot on
+                 the ESP for UEFI firmware (extlinux stays for BIOS);
+                 machine-id `uninitialized` (prepared for a first boot)
+  mbr-nm         as mbr, NetworkManager with its own DHCP keyfile for any
+                 ethernet NIC; machine-id empty (as Debian's cloud images)
+
 Every image carries `snf-test-report.service`: on its first boot, once the
 boot has finished (after network-online.target), it writes the guest's own
 state as JSON lines between `==SNF-REPORT-BEGIN==` and `==SNF-REPORT-END==`
@@ -54,22 +64,56 @@ SECTOR = 512
 
 PROGRAMS = {name: os.environ.get(name.upper().replace("-", "_"), name) for name in (
     "mmdebstrap", "sfdisk", "sgdisk", "mkfs.ext4", "mkswap", "losetup", "mount",
-    "umount", "extlinux", "chroot", "tar", "e2fsck", "sync", "mkfs.vfat")}
+    "umount", "extlinux", "chroot", "tar", "e2fsck", "sync", "mkfs.vfat", "mkfs.xfs",
+    "xfs_repair", "mmd", "mcopy")}
 
 BASE_PACKAGES = [
     "systemd-sysv", "udev", "dbus", "linux-image-cloud-amd64", "initramfs-tools",
     "openssh-server", "iproute2", "ifupdown", "isc-dhcp-client", "netbase", "kmod",
     "e2fsprogs", "procps",
 ]
-# Package that the gpt layout removes to be a systemd-networkd-only image.
-IFUPDOWN_PACKAGES = ["ifupdown", "isc-dhcp-client", "isc-dhcp-common"]
+# Debian 13 and later: no ifupdown (not a network stack of today's images);
+# one rootfs holds every stack the layouts use, each image purges the others.
+TODAY_PACKAGES = [
+    "systemd-sysv", "udev", "dbus", "linux-image-cloud-amd64", "initramfs-tools",
+    "openssh-server", "iproute2", "netbase", "kmod", "e2fsprogs", "procps",
+    "xfsprogs", "btrfs-progs", "netplan.io", "network-manager", "systemd-boot-efi",
+]
+SUITE_PACKAGES = {"bookworm": BASE_PACKAGES}
+# Packages of each network stack, purged from images that use another one.
+STACK_PACKAGES = {
+    "ifupdown": ["ifupdown", "isc-dhcp-client", "isc-dhcp-common"],
+    "netplan": ["netplan.io"],
+    "nm": ["network-manager"],
+    "networkd": [],
+}
 
 LAYOUTS = {
     "mbr": {"table": "dos", "network": "ifupdown", "cloud_init": False},
     "gpt": {"table": "gpt", "network": "networkd", "cloud_init": False},
     "gpt-cloud": {"table": "gpt-cloud", "network": "ifupdown", "cloud_init": False},
     "mbr-cloudinit": {"table": "dos", "network": "ifupdown", "cloud_init": True},
+    # Today's images: XFS root on GPT, systemd-networkd only, predictable names.
+    "gpt-xfs": {"table": "gpt", "network": "networkd", "cloud_init": False, "rootfs": "xfs",
+                "machine_id": "id"},
+    # Debian's genericcloud numbering, booted by UEFI firmware (systemd-boot
+    # on the ESP), netplan with the networkd renderer.
+    "gpt-cloud-uefi": {"table": "gpt-cloud", "network": "netplan", "cloud_init": False,
+                       "firmware": "uefi", "machine_id": "uninitialized"},
+    # MBR, NetworkManager with its own keyfile for the NIC.
+    "mbr-nm": {"table": "dos", "network": "nm", "cloud_init": False, "machine_id": "empty"},
 }
+
+# /etc/machine-id as the image ships it (machine-id(5)): an id, empty (not a
+# first boot, systemd makes an id), `uninitialized` (a first boot).
+MACHINE_IDS = {"id": lambda: uuid.uuid4().hex + "\n", "empty": lambda: "",
+               "uninitialized": lambda: "uninitialized\n"}
+SYSTEMD_BOOT_EFI = "usr/lib/systemd/boot/efi/systemd-bootx64.efi"
+KERNEL_OPTIONS = "console=tty0 console=ttyS0,115200n8"
+# A TCG guest on a busy machine can take minutes to coldplug its disks:
+# systemd's default 90 s wait for the devices in fstab (/boot, /boot/efi, the
+# swap a deployment adds) is too short.
+SLOW_DEVICES_CONF = "[Manager]\nDefaultDeviceTimeoutSec=600\n"
 
 # GPT layout sizes (MiB); the root partition takes the rest, and comes last.
 GPT_BOOT_MIB = 192
@@ -89,6 +133,7 @@ REPORT_SCRIPT = r"""#!/bin/sh
 PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export LC_ALL=C
 STAMP=/etc/snf-test-image/built
+PROBE=/root/.snf-test-password-probe
 TMP=$(mktemp)
 
 # Wait for the boot to finish (this unit is Type=simple, so it is not part of
@@ -145,6 +190,7 @@ report() {
     item os_release cat /etc/os-release
     item uname uname -r
     item cmdline cat /proc/cmdline
+    item uefi test -d /sys/firmware/efi
     item uptime cat /proc/uptime
     item system_state systemctl is-system-running
     item failed_units systemctl --failed --plain --no-legend --no-pager
@@ -173,6 +219,34 @@ report() {
         [ -f "$f" ] && item "ssh_host_key:$f" ssh-keygen -lf "$f"
     done
     item machine_id cat /etc/machine-id
+    item sshd_active sh -c 'systemctl is-active ssh.service 2>/dev/null || systemctl is-active sshd.service'
+    item sshd_served_keys sh -c 'for try in 1 2 3; do
+        keys=$(ssh-keyscan -T 30 127.0.0.1 2>/dev/null) && [ -n "$keys" ] && break; sleep 5; done
+        printf "%s\n" "$keys" | ssh-keygen -lf -'
+    item first_boot_units systemctl show --no-pager -p Id -p ConditionResult -p ActiveState \
+        -p Result systemd-firstboot.service sshd-keygen.service systemd-machine-id-commit.service
+    item journal_first_boot sh -c 'journalctl -b --no-pager -o cat | grep -iE "first boot|firstboot|initializing machine id" | head -n 20'
+    if [ -f "$PROBE" ]; then
+        # The password given to the deployment, checked by this guest's own
+        # crypt(3) (Perl's crypt calls it) against /etc/shadow.
+        for user in root debian; do
+            item "password_verified:$user" perl -e '
+                open(my $probe, "<", $ARGV[1]) or exit 2; my $pw = <$probe>; chomp $pw;
+                open(my $shadow, "<", "/etc/shadow") or exit 2;
+                while (<$shadow>) { my @f = split /:/; next unless $f[0] eq $ARGV[0];
+                    exit 3 if crypt($pw . "x", $f[1]) eq $f[1];
+                    exit(crypt($pw, $f[1]) eq $f[1] ? 0 : 1); }
+                exit 4' "$user" "$PROBE"
+        done
+        rm -f "$PROBE"
+    fi
+    if command -v nmcli >/dev/null; then
+        item nmcli_connections nmcli -t -f NAME,TYPE,DEVICE,ACTIVE,FILENAME connection show
+        item nmcli_devices nmcli -t -f DEVICE,TYPE,STATE,CONNECTION device status
+    fi
+    if command -v networkctl >/dev/null; then
+        item networkctl networkctl --no-pager --no-legend list
+    fi
     item dbus_machine_id cat /var/lib/dbus/machine-id
     item df_root df -B1 --output=source,fstype,size,used,avail,target /
     mountpoint -q /boot && item df_boot df -B1 --output=source,fstype,size,used,avail,target /boot
@@ -266,7 +340,7 @@ def host_debian_mirror(suite):
 def recipe_for(layout, suite, mirror, size_mib):
     if layout not in LAYOUTS:
         raise BuildError(f"unknown layout {layout!r} (known: {', '.join(LAYOUTS)})")
-    packages = list(BASE_PACKAGES)
+    packages = list(SUITE_PACKAGES.get(suite, TODAY_PACKAGES))
     if LAYOUTS[layout]["cloud_init"]:
         # cloud-guest-utils (growpart) is only a Recommends of cloud-init, but
         # without it cloud-init cannot grow the root partition.
@@ -424,7 +498,10 @@ def write(root, relative, text, mode=0o644):
 
 def customize(root, recipe, uuids):
     separate_boot = recipe["table"] == "gpt"
-    fstab = [f"UUID={uuids['root']}\t/\text4\terrors=remount-ro\t0\t1"]
+    if recipe.get("rootfs") == "xfs":
+        fstab = [f"UUID={uuids['root']}\t/\txfs\tdefaults\t0\t0"]
+    else:
+        fstab = [f"UUID={uuids['root']}\t/\text4\terrors=remount-ro\t0\t1"]
     if separate_boot:
         fstab.append(f"UUID={uuids['boot']}\t/boot\text4\tdefaults\t0\t2")
         fstab.append(f"UUID={uuids['swap']}\tnone\tswap\tsw\t0\t0")
@@ -437,14 +514,15 @@ def customize(root, recipe, uuids):
     write(root, "etc/hosts", f"127.0.0.1\tlocalhost\n127.0.1.1\t{IMAGE_HOSTNAME}\n\n"
           "::1\tlocalhost ip6-localhost ip6-loopback\nff02::1\tip6-allnodes\n"
           "ff02::2\tip6-allrouters\n")
-    # A fixed machine-id, as in an image that was not cleaned: ChangeMachineId
-    # must replace it.
-    write(root, "etc/machine-id", uuid.uuid4().hex + "\n", 0o444)
+    # By default a fixed machine-id, as in an image that was not cleaned:
+    # ChangeMachineId must replace it.
+    write(root, "etc/machine-id", MACHINE_IDS[recipe.get("machine_id", "id")](), 0o444)
     dbus_machine_id = root / "var/lib/dbus/machine-id"
     if not dbus_machine_id.exists() and not dbus_machine_id.is_symlink():
         dbus_machine_id.parent.mkdir(parents=True, exist_ok=True)
         dbus_machine_id.symlink_to("/etc/machine-id")
     write(root, "etc/resolv.conf", "")
+    write(root, "etc/systemd/system.conf.d/50-snf-test-slow-tcg.conf", SLOW_DEVICES_CONF)
     # No `locales` package: C.UTF-8 is the locale glibc always has.
     write(root, "etc/default/locale", "LANG=C.UTF-8\n")
     if recipe["cloud_init"]:
@@ -455,11 +533,15 @@ def customize(root, recipe, uuids):
     with chroot_mounts(root):
         run(["chroot", str(root), "useradd", "--create-home", "--uid", "1000",
              "--shell", "/bin/bash", "--comment", "Debian", IMAGE_USER])
-        if recipe["network"] == "networkd":
-            run(["chroot", str(root), "dpkg", "--purge", *IFUPDOWN_PACKAGES],
-                stdout=subprocess.DEVNULL)
+        unused = [package for stack, packages in STACK_PACKAGES.items()
+                  if stack != recipe["network"] for package in packages
+                  if (root / f"var/lib/dpkg/info/{package}.list").exists()
+                  or (root / f"var/lib/dpkg/info/{package}:amd64.list").exists()]
+        if unused:
+            run(["chroot", str(root), "dpkg", "--purge", *unused], stdout=subprocess.DEVNULL)
             # ifupdown's postinst wrote /etc/network/interfaces; purging keeps it.
-            shutil.rmtree(root / "etc/network", ignore_errors=True)
+            if "ifupdown" in unused:
+                shutil.rmtree(root / "etc/network", ignore_errors=True)
         # No timers that go to the network or eat CPU during the short test boots.
         for unit in ("apt-daily.timer", "apt-daily-upgrade.timer"):
             (root / "etc/systemd/system" / unit).unlink(missing_ok=True)
@@ -470,15 +552,28 @@ def customize(root, recipe, uuids):
               "# The loopback network interface\nauto lo\niface lo inet loopback\n\n"
               "source /etc/network/interfaces.d/*\n\n"
               "# The primary network interface\nallow-hotplug ens3\niface ens3 inet dhcp\n")
+    elif recipe["network"] == "nm":
+        # A profile of the image for any ethernet NIC, as an installer leaves it.
+        write(root, "etc/NetworkManager/system-connections/Wired connection 1.nmconnection",
+              f"[connection]\nid=Wired connection 1\nuuid={uuid.uuid4()}\ntype=ethernet\n"
+              "autoconnect-priority=-999\n\n[ethernet]\n\n[ipv4]\nmethod=auto\n\n"
+              "[ipv6]\naddr-gen-mode=default\nmethod=auto\n", 0o600)
     else:
-        write(root, "etc/systemd/network/50-dhcp.network",
-              "[Match]\nName=en*\n\n[Network]\nDHCP=yes\n")
+        if recipe["network"] == "netplan":
+            write(root, "etc/netplan/50-image.yaml",
+                  "network:\n  version: 2\n  renderer: networkd\n  ethernets:\n"
+                  "    all-en:\n      match:\n        name: \"en*\"\n      dhcp4: true\n", 0o600)
+        else:
+            write(root, "etc/systemd/network/50-dhcp.network",
+                  "[Match]\nName=en*\n\n[Network]\nDHCP=yes\n")
         wants = root / "etc/systemd/system/multi-user.target.wants"
         wants.mkdir(parents=True, exist_ok=True)
+        (wants / "systemd-networkd.service").unlink(missing_ok=True)
         (wants / "systemd-networkd.service").symlink_to(
             "/lib/systemd/system/systemd-networkd.service")
         online = root / "etc/systemd/system/network-online.target.wants"
         online.mkdir(parents=True, exist_ok=True)
+        (online / "systemd-networkd-wait-online.service").unlink(missing_ok=True)
         (online / "systemd-networkd-wait-online.service").symlink_to(
             "/lib/systemd/system/systemd-networkd-wait-online.service")
 
@@ -500,12 +595,33 @@ def customize(root, recipe, uuids):
           "DEFAULT debian\nTIMEOUT 1\nPROMPT 0\nSERIAL 0 115200\n\n"
           f"LABEL debian\n  LINUX {prefix}vmlinuz-{version}\n"
           f"  INITRD {prefix}initrd.img-{version}\n"
-          f"  APPEND root=UUID={uuids['root']} ro console=tty0 console=ttyS0,115200n8\n")
+          f"  APPEND root=UUID={uuids['root']} ro {KERNEL_OPTIONS}\n")
     run(["extlinux", "--install", str(boot / "extlinux")], stdout=subprocess.DEVNULL)
     # Written last: the guest's report lists what changed after this moment.
     time.sleep(1.1)
     write(root, STAMP_PATH, json.dumps({"layout": recipe["layout"], "suite": recipe["suite"],
                                         "kernel": version}) + "\n")
+
+
+def install_systemd_boot(image, esp_offset, root, uuids):
+    """systemd-boot as the removable-media loader of the (unmounted) ESP,
+    with the kernel and initrd beside it: what UEFI firmware boots."""
+    version = json.loads((root / STAMP_PATH).read_text())["kernel"]
+    esp = f"{image}@@{esp_offset}"
+    environ = dict(os.environ, MTOOLS_SKIP_CHECK="1")
+    run(["mmd", "-i", esp, "::/EFI", "::/EFI/BOOT", "::/loader", "::/loader/entries"], env=environ)
+    with tempfile.TemporaryDirectory() as scratch:
+        loader = Path(scratch) / "loader.conf"
+        loader.write_text("timeout 0\ndefault debian.conf\n")
+        entry = Path(scratch) / "debian.conf"
+        entry.write_text(f"title Debian\nlinux /vmlinuz\ninitrd /initrd.img\n"
+                         f"options root=UUID={uuids['root']} ro {KERNEL_OPTIONS}\n")
+        for source, target in ((root / SYSTEMD_BOOT_EFI, "::/EFI/BOOT/BOOTX64.EFI"),
+                               (loader, "::/loader/loader.conf"),
+                               (entry, "::/loader/entries/debian.conf"),
+                               (root / f"boot/vmlinuz-{version}", "::/vmlinuz"),
+                               (root / f"boot/initrd.img-{version}", "::/initrd.img")):
+            run(["mcopy", "-i", esp, str(source), target], env=environ)
 
 
 # --------------------------------------------------------------- image
@@ -534,7 +650,10 @@ def build_image(recipe, output, cache_dir):
                      esp_dev], stdout=subprocess.DEVNULL)
         with mount_point() as mnt, contextlib.ExitStack() as stack:
             root_dev = stack.enter_context(loop_device(partial, *root_part))
-            run(["mkfs.ext4", "-q", "-L", "root", "-U", uuids["root"], root_dev])
+            if recipe.get("rootfs") == "xfs":
+                run(["mkfs.xfs", "-q", "-L", "root", "-m", f"uuid={uuids['root']}", root_dev])
+            else:
+                run(["mkfs.ext4", "-q", "-L", "root", "-U", uuids["root"], root_dev])
             root = stack.enter_context(mounted(root_dev, mnt))
             if boot_part:
                 boot_dev = stack.enter_context(loop_device(partial, *boot_part))
@@ -548,9 +667,15 @@ def build_image(recipe, output, cache_dir):
             run(["tar", "--extract", "--numeric-owner", "--xattrs", "--xattrs-include=*",
                  "--acls", "--file", str(tarball), "--directory", str(root)])
             customize(root, recipe, uuids)
+            if recipe.get("firmware") == "uefi":
+                install_systemd_boot(partial, parts[15][0], root, uuids)
         for part in [root_part] + ([boot_part] if boot_part else []):
             with loop_device(partial, *part) as device:
-                run(["e2fsck", "-fn", device], stdout=subprocess.DEVNULL)
+                if part is root_part and recipe.get("rootfs") == "xfs":
+                    run(["xfs_repair", "-n", device], stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL)
+                else:
+                    run(["e2fsck", "-fn", device], stdout=subprocess.DEVNULL)
         os.replace(partial, output)
     finally:
         partial.unlink(missing_ok=True)

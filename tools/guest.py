@@ -2,7 +2,8 @@
 
 The end-to-end tests deploy an image through snf-image's `create` and then
 boot the result here, as a Ganeti kvm instance would (virtio disk, virtio
-NICs with the instance's MACs). The test images (tools/build-test-image.py)
+NICs with the instance's MACs; SeaBIOS, or OVMF's UEFI firmware with
+firmware="uefi"). The test images (tools/build-test-image.py)
 run `snf-test-report` once the boot is finished: it writes JSON lines between
 REPORT_BEGIN and REPORT_END to the second serial port and powers off.
 
@@ -27,6 +28,10 @@ REPORT_BEGIN = "==SNF-REPORT-BEGIN=="
 REPORT_END = "==SNF-REPORT-END=="
 DEFAULT_TIMEOUT = 900        # TCG Debian boot: ~25 s idle, minutes on a busy 2-core box
 POWEROFF_GRACE = 60          # after the report: time for the guest to power off
+# UEFI firmware of Debian's ovmf package: code (read-only) and a template of
+# the variable store (copied per boot).
+OVMF_CODE = Path(os.environ.get("OVMF_CODE", "/usr/share/OVMF/OVMF_CODE_4M.fd"))
+OVMF_VARS = Path(os.environ.get("OVMF_VARS", "/usr/share/OVMF/OVMF_VARS_4M.fd"))
 
 
 class GuestError(Exception):
@@ -112,14 +117,17 @@ def console_tail(console, lines=25):
     return " | ".join(console.replace("\r", "").splitlines()[-lines:])
 
 
-def qemu_command(disk, nics, report_path, console_path, *, snapshot, memory):
+def qemu_command(disk, nics, report_path, console_path, *, snapshot, memory, uefi_vars=None):
     drive = f"file={disk},format=raw,if=none,id=disk0,cache=unsafe"
     if snapshot:
         drive += ",snapshot=on"
     argv = [QEMU, "-accel", "tcg", "-machine", "pc", "-cpu", "max", "-smp", "1",
             "-m", str(memory), "-nodefaults", "-nographic", "-no-reboot", "-vga", "none",
-            "-monitor", "none", "-parallel", "none",
-            "-drive", drive, "-device", "virtio-blk-pci,drive=disk0,addr=0x5",
+            "-monitor", "none", "-parallel", "none"]
+    if uefi_vars is not None:
+        argv += ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
+                 "-drive", f"if=pflash,format=raw,unit=1,file={uefi_vars}"]
+    argv += ["-drive", drive, "-device", "virtio-blk-pci,drive=disk0,addr=0x5",
             "-serial", f"file:{console_path}", "-serial", f"file:{report_path}"]
     for index, nic in enumerate(nics):
         argv += ["-netdev", f"user,id=net{index},restrict=on,net={nic.net},"
@@ -140,16 +148,25 @@ def running(argv, log_path):
         process.wait()
 
 
-def boot(disk, nics=(), *, snapshot=False, timeout=DEFAULT_TIMEOUT, memory=512, keep_dir=None):
+def boot(disk, nics=(), *, snapshot=False, timeout=DEFAULT_TIMEOUT, memory=512, keep_dir=None,
+         firmware="bios"):
     """Boot DISK until the guest has reported and powered off; return its Report.
 
     snapshot=True leaves DISK unchanged (writes go to a temporary overlay).
+    firmware="uefi": OVMF with a fresh variable store instead of SeaBIOS.
     keep_dir: copy console.log, report.log and qemu.log there (for debugging).
     """
     with tempfile.TemporaryDirectory(prefix="snf-guest-") as workdir:
         work = Path(workdir)
         console_path, report_path, qemu_log = work / "console.log", work / "report.log", work / "qemu.log"
-        argv = qemu_command(disk, nics, report_path, console_path, snapshot=snapshot, memory=memory)
+        uefi_vars = None
+        if firmware == "uefi":
+            uefi_vars = work / "OVMF_VARS.fd"
+            shutil.copyfile(OVMF_VARS, uefi_vars)
+        elif firmware != "bios":
+            raise ValueError(f"unknown firmware {firmware!r}")
+        argv = qemu_command(disk, nics, report_path, console_path, snapshot=snapshot, memory=memory,
+                            uefi_vars=uefi_vars)
         try:
             with running(argv, qemu_log) as process:
                 deadline = time.monotonic() + timeout

@@ -115,7 +115,9 @@ def built_helper_dir(tasks_dir=None, show_progress=False):
                     "--cache-dir", str(cache_dir() / "helper-root-cache"),
                     "--suite", SUITE, "--tasks", str(tasks),
                     "--helper-program", str(HELPER_PROGRAM)]
-            env = dict(os.environ, SNF_IMAGE_CONFIG="/dev/null")
+            no_settings = cache_dir() / "empty.conf"     # a regular file: /dev/null is refused
+            no_settings.write_text("")
+            env = dict(os.environ, SNF_IMAGE_CONFIG=str(no_settings))
             proc = subprocess.run(argv, stdout=None if show_progress else subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True, env=env,
                                   timeout=BUILD_TIMEOUT, check=False)

@@ -8,6 +8,8 @@ PACKAGES=(qemu-system-x86 qemu-utils multistrap mmdebstrap debootstrap e2fsprogs
   cpio xz-utils bzip2 gzip debian-archive-keyring ganeti fping iputils-arping
   iproute2 openssh-server procps xfsprogs btrfs-progs kmod util-linux file zstd)
 PACKAGES+=(libguestfs-tools linux-image-amd64)  # bench-helper's baseline: guestfish, whose appliance needs a kernel in /boot
+PACKAGES+=(ovmf mtools)  # UEFI boots of the genericcloud test image (OVMF), its ESP written by mtools
+PACKAGES+=(ntfs-3g libhivex-bin)  # Windows tests: NTFS test disks (mkntfs, ntfs-3g) and registry hives (hivexget, hivexsh)
 PACKAGES+=(gpg gpgv)  # signed image tests: a test key signs, gpgv verifies
 missing=()
 for p in "${PACKAGES[@]}"; do
