@@ -25,6 +25,7 @@ target, base_distro, read_partition_table, mounted_under, umount_all.
 Standard library only; runs on the helper's python3 (3.11 to 3.13).
 """
 
+import gc
 import json
 import os
 import re
@@ -85,7 +86,7 @@ PYTHON_SHEBANG_RE = re.compile(rb"#![ \t]*(?:\S*/)?(?:env[ \t]+(?:\S*/)?)?python
 # task finds them loaded: under TCG each import costs tens of milliseconds.
 PRELOADED_MODULES = ("base64", "binascii", "collections", "contextlib", "errno", "fnmatch",
                      "hashlib", "ipaddress", "json", "random", "re", "secrets", "shutil",
-                     "stat", "subprocess", "tempfile", "time", "traceback", "uuid",
+                     "runpy", "stat", "subprocess", "tempfile", "time", "traceback", "uuid",
                      "snf_image_helper", "snf_image_tasklib")
 OVERWRITE_DIR = "root/snf-image/helper"
 OVERWRITE_RERUN = 101            # overwrite script asks for the original task
@@ -910,6 +911,9 @@ class ForkedTask:
         err_read, err_write = os.pipe()
         sys.stdout.flush()
         sys.stderr.flush()
+        # The child's garbage collector then leaves the runner's objects alone:
+        # touching them would copy their pages (slow under TCG).
+        gc.freeze()
         try:
             self.pid = os.fork()
         except OSError:
