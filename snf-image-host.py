@@ -752,14 +752,6 @@ def _closing_quote(body, quote):
     return None
 
 
-def _is_dev_null(info):
-    try:
-        null = os.stat(os.devnull)
-    except OSError:
-        return False
-    return stat.S_ISCHR(info.st_mode) and info.st_rdev == null.st_rdev
-
-
 def read_config_file(path):
     if os.fspath(path) == os.devnull:       # SNF_IMAGE_CONFIG=/dev/null: the built-in defaults
         return {}
@@ -772,14 +764,11 @@ def read_config_file(path):
     try:
         with open(fd, "rb", closefd=True) as handle:
             info = os.fstat(handle.fileno())
-            if _is_dev_null(info):      # the usual way of saying "no configuration"
-                text = ""
-            elif not stat.S_ISREG(info.st_mode):
+            if not stat.S_ISREG(info.st_mode):
                 raise SnfError(f"configuration file {path} is not a regular file", 2)
-            elif info.st_size > 4 * MIB:
+            if info.st_size > 4 * MIB:
                 raise SnfError(f"configuration file {path} is larger than 4 MiB", 2)
-            else:
-                text = handle.read().decode("utf-8")
+            text = handle.read().decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise SnfError(f"cannot read configuration file {path}: {exc}", 2) from None
     try:
