@@ -52,6 +52,8 @@ GENERALIZED_STATES = ("IMAGE_STATE_GENERALIZE_RESEAL_TO_OOBE",
                       "IMAGE_STATE_GENERALIZE_RESEAL_TO_AUDIT")
 COMPUTER_NAME_MAX = 15
 COMPUTER_NAME_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+# What an XML 1.0 answer file carries back unchanged (a CR would come back as LF).
+XML_SAFE_VALUE = re.compile("[\t\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]*")
 # What a program we start needs of our environment (which holds the secrets).
 CHILD_ENV = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "LC_ALL": "C"}
 
@@ -266,6 +268,9 @@ def set_registry_values(root, hive_path, key, changes):
 def computer_name(hostname):
     """The NetBIOS computer name for an instance name: its first DNS label,
     1-15 characters of letters, digits, `-` and `_`, not all digits."""
+    if not hostname.isprintable():
+        raise TaskError(f"Cannot make a Windows computer name of {hostname!r}: it holds "
+                        "control characters")
     name = hostname.split(".")[0]
     if not name:
         raise TaskError(f"Cannot make a Windows computer name of `{hostname}'")
@@ -321,20 +326,22 @@ class AnswerFile:
         data = ET.tostring(self.tree.getroot(), encoding="utf-8", xml_declaration=True)
         self.root.write(self.path, data + b"\n")
 
+    def _matching(self, settings_pass, name, arch):
+        """The components of that name and architecture (any case) in every copy of
+        the pass: an answer file may repeat both."""
+        return [c for s in self.tree.getroot().findall(_q("settings")) if s.get("pass") == settings_pass
+                for c in s.findall(_q("component")) if c.get("name") == name
+                and (c.get("processorArchitecture") or "").lower() == arch]
+
     def component(self, settings_pass, name, arch, create=True):
+        found = self._matching(settings_pass, name, arch)
+        if found or not create:
+            return found[0] if found else None
         unattend = self.tree.getroot()
-        settings = next((s for s in unattend.findall(_q("settings"))
-                         if s.get("pass") == settings_pass), None)
+        settings = next((s for s in unattend.findall(_q("settings")) if s.get("pass") == settings_pass),
+                        None)
         if settings is None:
-            if not create:
-                return None
             settings = ET.SubElement(unattend, _q("settings"), {"pass": settings_pass})
-        for component in settings.findall(_q("component")):
-            if component.get("name") == name and \
-                    (component.get("processorArchitecture") or "").lower() == arch:
-                return component
-        if not create:
-            return None
         return ET.SubElement(settings, _q("component"), dict(
             name=name, processorArchitecture=arch, **COMPONENT_ATTRIBUTES))
 
@@ -348,7 +355,10 @@ class AnswerFile:
         return element
 
     def set_text(self, settings_pass, component, tags, text, arch):
-        self.child(self.component(settings_pass, component, arch), *tags).text = text
+        """Set the value in the component, and in every repeat of it the file holds."""
+        for element in self._matching(settings_pass, component, arch) or \
+                [self.component(settings_pass, component, arch)]:
+            self.child(element, *tags).text = text
 
     def components(self, arch):
         return [c for c in self.tree.getroot().iter(_q("component"))
@@ -591,8 +601,9 @@ def change_passwords(family, password, password_hash, auth_keys, users_property,
     if password is None:
         warn("Task ChangePassword will not run. Password is not set")
         return
-    if "\0" in password:
-        raise TaskError("A Windows password cannot hold a NUL character")
+    if not XML_SAFE_VALUE.fullmatch(password):
+        raise TaskError("A Windows password can hold neither line breaks nor control characters "
+                        "(an answer file cannot carry them)")
     users = users_property.split()
     if not users:
         warn("No USERS property defined: changing the password of Administrator")
