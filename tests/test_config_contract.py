@@ -43,6 +43,13 @@ def run_host(config, tmp_path):
                           env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path)
 
 
+def configuration_accepted(result):
+    """verify went past the configuration: it succeeded, or it stopped only at
+    the node's helper check that follows (this machine's HELPER_DIR may hold none)."""
+    last = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else ""
+    return result.returncode == 0 or (result.returncode == 1 and "the helper VM in HELPER_DIR" in last)
+
+
 def run_builder(config, tmp_path):
     env = {"PATH": "/usr/bin:/bin", "SNF_IMAGE_CONFIG": str(config)}
     argv = [sys.executable, str(REPO / "snf-image-update-helper.py"),
@@ -61,7 +68,7 @@ def test_host_and_builder_agree(tmp_path, text, error):
     config.write_text(text)
     host, builder = run_host(config, tmp_path), run_builder(config, tmp_path)
     if error is None:
-        assert host.returncode == 0, host.stderr
+        assert configuration_accepted(host), host.stderr
         # past its configuration the builder does its real work: here, no helper to export
         assert builder.returncode == 1 and builder.stderr.splitlines()[-1].startswith("Error: no helper built")
         assert warnings_of(host.stderr) == warnings_of(builder.stderr)
@@ -75,7 +82,7 @@ def test_host_and_builder_agree(tmp_path, text, error):
 
 
 def test_the_null_device_means_no_configuration_and_a_fifo_is_refused(tmp_path):
-    assert run_host("/dev/null", tmp_path).returncode == 0
+    assert configuration_accepted(run_host("/dev/null", tmp_path))
     assert run_builder("/dev/null", tmp_path).stderr.startswith("Error: no helper built")
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
