@@ -17,6 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from conftest import load_script
+from helpervm import current_fake_release
 from host_testlib import Site, last_line
 
 host = load_script("snf-image-host.py")
@@ -28,11 +29,9 @@ ORIGINAL = b"\x5a" * (2 * MIB)
 
 @pytest.fixture
 def case(tmp_path):
-    """A site whose helper release exists as files (the refused cases never boot it)."""
+    """A site whose helper release passes the node's check (the refused cases never boot it)."""
     helper_dir = tmp_path / "helper"
-    helper_dir.mkdir()
-    for name in ("kernel", "initrd", "image"):
-        (helper_dir / name).write_bytes(b"")
+    current_fake_release(helper_dir)
     (tmp_path / "run").mkdir()
     site = Site(tmp_path / "site", HELPER_DIR=helper_dir, TEMP_DIR=tmp_path / "run")
     (site.images / "good.img").write_bytes(os.urandom(MIB))
