@@ -45,6 +45,21 @@ def write_tree(root, files):
             path.write_text(text)
 
 
+def image_tree(base, files):
+    """Lay out an image's files below base: {"/abs/path": text, a directory as
+    None, a symbolic link as ("link", target)}; returns base."""
+    for path, content in files.items():
+        full = base / path.lstrip("/")
+        full.parent.mkdir(parents=True, exist_ok=True)
+        if content is None:
+            full.mkdir(exist_ok=True)
+        elif isinstance(content, tuple):
+            full.symlink_to(content[1])
+        else:
+            full.write_text(content)
+    return base
+
+
 def require_helper_build():
     """Skip (or fail in CI) where the builder cannot run."""
     require_root()

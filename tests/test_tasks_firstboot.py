@@ -14,7 +14,7 @@ import subprocess
 
 import pytest
 
-from conftest import REPO, load_script, require_programs, require_root
+from conftest import REPO, image_tree, load_script, require_programs, require_root
 
 load_script("snf-image-helper.py", "snf_image_helper")
 LIB = load_script("tasks.d/snf_image_tasklib.py", "snf_image_tasklib")
@@ -54,19 +54,6 @@ WANTS = "/etc/systemd/system/multi-user.target.wants"
 SYSTEMD_257 = {"/usr/lib/x86_64-linux-gnu/systemd/libsystemd-shared-257.so": ""}
 
 
-def tree(base, files):
-    for path, content in files.items():
-        full = base / path.lstrip("/")
-        full.parent.mkdir(parents=True, exist_ok=True)
-        if content is None:
-            full.mkdir(exist_ok=True)
-        elif isinstance(content, tuple):
-            full.symlink_to(content[1])
-        else:
-            full.write_text(content)
-    return base
-
-
 def debian13(base, machine_id, **extra):
     files = {"/etc/machine-id": machine_id, **SYSTEMD_257,
              f"{UNITS}/ssh.service": "[Service]\nExecStart=/usr/sbin/sshd -D\n",
@@ -79,7 +66,7 @@ def debian13(base, machine_id, **extra):
              "/etc/ssh/ssh_host_rsa_key": "old", "/etc/ssh/ssh_host_rsa_key.pub": "old",
              "/etc/ssh/ssh_host_dsa_key": "old"}
     files.update(extra)
-    return tree(base, files)
+    return image_tree(base, files)
 
 
 # --------------------------------------------------------------------------
@@ -93,13 +80,13 @@ def test_machine_id_states(tmp_path, content, state, first_boot):
     files = dict(SYSTEMD_257)
     if content is not None:
         files["/etc/machine-id"] = content
-    with LIB.ImageRoot(tree(tmp_path, files)) as root:
+    with LIB.ImageRoot(image_tree(tmp_path, files)) as root:
         assert LIB.machine_id_state(root) == state
         assert LIB.is_first_boot(root) is first_boot
 
 
 def test_uninitialized_is_no_first_boot_before_systemd_247(tmp_path):
-    root_dir = tree(tmp_path, {"/etc/machine-id": "uninitialized\n",
+    root_dir = image_tree(tmp_path, {"/etc/machine-id": "uninitialized\n",
                                "/usr/lib/systemd/libsystemd-shared-246.so": ""})
     with LIB.ImageRoot(root_dir) as root:
         assert LIB.systemd_version(root) == 246
@@ -121,7 +108,7 @@ def test_masked_not_pulled_and_dropin_conditions(tmp_path):
     with LIB.ImageRoot(masked) as root:
         assert LIB.unit_masked(root, "sshd-keygen.service")
         assert LIB.unit_will_run(root, "sshd-keygen.service") is False
-    lonely = tree(tmp_path / "lonely", {"/etc/machine-id": "", **SYSTEMD_257,
+    lonely = image_tree(tmp_path / "lonely", {"/etc/machine-id": "", **SYSTEMD_257,
                                         f"{UNITS}/sshd-keygen.service": DEBIAN13_KEYGEN})
     with LIB.ImageRoot(lonely) as root:
         assert LIB.unit_will_run(root, "sshd-keygen.service", first_boot=True) is False
@@ -147,7 +134,7 @@ def test_masked_not_pulled_and_dropin_conditions(tmp_path):
 
 
 def test_redhat_template_through_its_target(tmp_path):
-    root_dir = tree(tmp_path, {
+    root_dir = image_tree(tmp_path, {
         "/etc/machine-id": "1" * 32 + "\n", **SYSTEMD_257,
         f"{UNITS}/sshd.service": "[Unit]\nWants=sshd-keygen.target\n[Service]\nExecStart=/usr/sbin/sshd\n",
         f"{UNITS}/sshd-keygen.target": "[Unit]\nWants=sshd-keygen@rsa.service sshd-keygen@ed25519.service\n",
@@ -219,7 +206,7 @@ def test_keys_left_to_the_image_on_a_first_boot(run, tmp_path):
 def test_cleaned_image_without_generator_gets_default_keys(run, tmp_path):
     require_root()
     require_programs("ssh-keygen")
-    root = tree(tmp_path / "image", {"/etc/machine-id": "", **SYSTEMD_257, "/usr/sbin/sshd": "",
+    root = image_tree(tmp_path / "image", {"/etc/machine-id": "", **SYSTEMD_257, "/usr/sbin/sshd": "",
                                      "/etc/ssh/sshd_config": "Port 22\n"})
     run("50DeleteSSHKeys", root)
     assert sorted(p.name for p in (root / "etc/ssh").glob("ssh_host_*_key")) == [
@@ -233,7 +220,7 @@ def test_first_boot_wizard_does_not_prompt(run, tmp_path):
              f"{UNITS}/sysinit.target.wants/systemd-firstboot.service":
                  ("link", "../systemd-firstboot.service"),
              "/var/lib/dbus/machine-id": "2" * 32 + "\n"}
-    root = tree(tmp_path / "first", files)
+    root = image_tree(tmp_path / "first", files)
     run("50ChangeMachineId", root)
     assert (root / "etc/machine-id").read_text() == "uninitialized\n"
     assert not (root / "var/lib/dbus/machine-id").exists(), "systemd would take the old id from it"
@@ -245,7 +232,7 @@ def test_first_boot_wizard_does_not_prompt(run, tmp_path):
             ["systemd-firstboot"]
     # Not a first boot: a new id, no drop-in.
     files["/etc/machine-id"] = "3" * 32 + "\n"
-    other = tree(tmp_path / "id", files)
+    other = image_tree(tmp_path / "id", files)
     run("50ChangeMachineId", other)
     new_id = (other / "etc/machine-id").read_text().strip()
     assert len(new_id) == 32 and new_id != "3" * 32
@@ -265,7 +252,7 @@ NICS = {"SNF_IMAGE_NIC_COUNT": "2",
 def test_networkmanager_profiles_of_the_image_are_taken_out_of_use(run, tmp_path):
     require_root()
     connections = "/etc/NetworkManager/system-connections"
-    root = tree(tmp_path / "image", {
+    root = image_tree(tmp_path / "image", {
         "/usr/sbin/NetworkManager": "", "/etc/NetworkManager/NetworkManager.conf": "[main]\n",
         f"{connections}/Wired connection 1.nmconnection":
             "[connection]\nid=Wired connection 1\ntype=ethernet\n[ipv4]\nmethod=auto\n",
@@ -336,13 +323,13 @@ def test_cloud_init_state_of_the_same_instance_is_forgotten(run, tmp_path):
              f"{cloud}/instances/vm9.example.org/user-data.txt": "kept",
              "/etc/cloud/cloud.cfg.d": None}
     env = {"SNF_IMAGE_PROPERTY_CLOUD_INIT": "yes"}
-    same = tree(tmp_path / "same", state)
+    same = image_tree(tmp_path / "same", state)
     result = run("35InitializeDatasource", same, env)
     assert "state of instance vm9.example.org: 5 file(s) removed" in result.stderr
     instance = same / "var/lib/cloud/instances/vm9.example.org"
     assert sorted(p.name for p in instance.rglob("*")) == ["sem", "user-data.txt"]
     assert not (same / "var/lib/cloud/instance").is_symlink()
-    other = tree(tmp_path / "other", dict(state, **{f"{cloud}/data/instance-id": "vm1\n"}))
+    other = image_tree(tmp_path / "other", dict(state, **{f"{cloud}/data/instance-id": "vm1\n"}))
     result = run("35InitializeDatasource", other, env)
     assert "new instance" in result.stderr
     assert (other / "var/lib/cloud/instances/vm9.example.org/sem/config_ssh").exists()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, require_root
+from conftest import REPO, image_tree, require_root
 
 TASKS = REPO / "tasks.d"
 PASSWORD = "tree-Passw0rd"
@@ -42,19 +42,6 @@ def run(lib_dir, tmp_path):
     return run_task
 
 
-def tree(base, files):
-    for path, content in files.items():
-        full = base / path.lstrip("/")
-        full.parent.mkdir(parents=True, exist_ok=True)
-        if content is None:
-            full.mkdir(exist_ok=True)
-        elif isinstance(content, tuple):
-            full.symlink_to(content[1])
-        else:
-            full.write_text(content)
-    return base
-
-
 BASE = {"/etc/passwd": "root:x:0:0::/root:/bin/sh\ndebian:x:1000:1000::/home/debian:/bin/sh\n",
         "/etc/group": "root:x:0:\ndebian:x:1000:\n",
         "/etc/shadow": "root:*:1:0:99999:7:::\ndebian:*:1:0:99999:7:::\n",
@@ -68,7 +55,7 @@ BASE = {"/etc/passwd": "root:x:0:0::/root:/bin/sh\ndebian:x:1000:1000::/home/deb
 
 def test_cloud_init_path(run, tmp_path):
     require_root()
-    root = tree(tmp_path / "root", dict(BASE, **{"/etc/cloud/cloud.cfg.d": None,
+    root = image_tree(tmp_path / "root", dict(BASE, **{"/etc/cloud/cloud.cfg.d": None,
                                                  "/usr/lib/python3/dist-packages/cloudinit/"
                                                  "version.py": '__VERSION__ = "22.4.2"\n',
                                                  "/etc/network/interfaces": "",
@@ -120,7 +107,7 @@ def test_cloud_init_path(run, tmp_path):
 
 
 def test_cloud_init_without_cloud_init_installed_fails(run, tmp_path):
-    root = tree(tmp_path / "root", BASE)
+    root = image_tree(tmp_path / "root", BASE)
     result = run("35InitializeDatasource", root, {"SNF_IMAGE_PROPERTY_CLOUD_INIT": "yes"},
                  check=False)
     assert result.returncode == 1
@@ -144,7 +131,7 @@ NICS = {"SNF_IMAGE_NIC_COUNT": "2", "SNF_IMAGE_DHCP_TAGS": "dhcp",
 
 
 def test_networkd_image(run, tmp_path):
-    root = tree(tmp_path / "root", dict(BASE, **{
+    root = image_tree(tmp_path / "root", dict(BASE, **{
         "/etc/systemd/network/50-dhcp.network": "[Match]\nName=en*\n[Network]\nDHCP=yes\n",
         "/etc/systemd/system/multi-user.target.wants/systemd-networkd.service":
             ("link", "/lib/systemd/system/systemd-networkd.service")}))
@@ -158,7 +145,7 @@ def test_networkd_image(run, tmp_path):
 
 def test_networkmanager_image(run, tmp_path):
     require_root()
-    root = tree(tmp_path / "root", dict(BASE, **{"/usr/sbin/NetworkManager": "",
+    root = image_tree(tmp_path / "root", dict(BASE, **{"/usr/sbin/NetworkManager": "",
                                                  "/etc/NetworkManager": None}))
     run("50ConfigureNetwork", root, NICS)
     path = root / "etc/NetworkManager/system-connections/snf-image-eth0.nmconnection"
@@ -167,7 +154,7 @@ def test_networkmanager_image(run, tmp_path):
 
 
 def test_ifcfg_image(run, tmp_path):
-    root = tree(tmp_path / "root", {"/etc/redhat-release": "Rocky 8\n",
+    root = image_tree(tmp_path / "root", {"/etc/redhat-release": "Rocky 8\n",
                                     "/etc/sysconfig/network-scripts/ifcfg-eth0": "DEVICE=eth0\n",
                                     "/etc/sysconfig/network": "HOSTNAME=x\nNETWORKING=no\n"})
     run("50ConfigureNetwork", root, NICS)
@@ -178,7 +165,7 @@ def test_ifcfg_image(run, tmp_path):
 
 
 def test_unknown_network_stack_warns_or_uses_cloud_init(run, tmp_path):
-    root = tree(tmp_path / "root", BASE)
+    root = image_tree(tmp_path / "root", BASE)
     result = run("50ConfigureNetwork", root, NICS)
     assert "WARNING:Don't know how to configure the network" in result.progress
     assert sorted(p.name for p in (root / "etc").iterdir()) == sorted(
@@ -195,19 +182,19 @@ def test_unknown_network_stack_warns_or_uses_cloud_init(run, tmp_path):
 # --------------------------------------------------------------------------
 
 def test_hostname_per_distribution(run, tmp_path):
-    redhat = tree(tmp_path / "rh", {"/etc/redhat-release": "CentOS 6\n",
+    redhat = image_tree(tmp_path / "rh", {"/etc/redhat-release": "CentOS 6\n",
                                     "/etc/sysconfig/network": "NETWORKING=yes\nHOSTNAME=old\n"})
     run("50AssignHostname", redhat)
     assert (redhat / "etc/sysconfig/network").read_text() == \
         "NETWORKING=yes\nHOSTNAME=vm9.example.org\n"
-    suse = tree(tmp_path / "suse", {"/etc/SuSE-release": "SUSE 11\n"})
+    suse = image_tree(tmp_path / "suse", {"/etc/SuSE-release": "SUSE 11\n"})
     run("50AssignHostname", suse)
     assert (suse / "etc/HOSTNAME").read_text() == "vm9.example.org\n"
-    gentoo = tree(tmp_path / "gentoo", {"/etc/gentoo-release": "x\n",
+    gentoo = image_tree(tmp_path / "gentoo", {"/etc/gentoo-release": "x\n",
                                         "/etc/conf.d/hostname": 'hostname="old"\n'})
     run("50AssignHostname", gentoo)
     assert (gentoo / "etc/conf.d/hostname").read_text() == 'hostname="vm9.example.org"\n'
-    unknown = tree(tmp_path / "unknown", {"/etc/os-release": "ID=mystery\n"})
+    unknown = image_tree(tmp_path / "unknown", {"/etc/os-release": "ID=mystery\n"})
     result = run("50AssignHostname", unknown, check=False)
     assert result.returncode == 1
     assert result.stderr.splitlines()[-1] == \
@@ -217,7 +204,7 @@ def test_hostname_per_distribution(run, tmp_path):
 
 
 def test_machine_id(run, tmp_path):
-    root = tree(tmp_path / "root", {"/etc/machine-id": "uninitialized\n",
+    root = image_tree(tmp_path / "root", {"/etc/machine-id": "uninitialized\n",
                                     "/var/lib/dbus/machine-id": "0" * 32 + "\n"})
     run("50ChangeMachineId", root)
     assert (root / "etc/machine-id").read_text() == "uninitialized\n"
@@ -228,7 +215,7 @@ def test_machine_id(run, tmp_path):
     new = (root / "etc/machine-id").read_text().strip()
     assert len(new) == 32 and new != "1" * 32
     assert (root / "var/lib/dbus/machine-id").is_symlink()
-    result = run("50ChangeMachineId", tree(tmp_path / "none", {"/etc/hosts": ""}))
+    result = run("50ChangeMachineId", image_tree(tmp_path / "none", {"/etc/hosts": ""}))
     assert "WARNING:No /etc/machine-id in the image" in result.progress
 
 
@@ -239,7 +226,7 @@ def test_machine_id(run, tmp_path):
 def test_personality_escape_through_symlinked_parent(run, tmp_path):
     outside = tmp_path / "outside"
     outside.mkdir()
-    root = tree(tmp_path / "root", dict(BASE, **{"/var/www": ("link", "../../outside"),
+    root = image_tree(tmp_path / "root", dict(BASE, **{"/var/www": ("link", "../../outside"),
                                                  "/srv": ("link", str(outside))}))
     for path in ("/var/www/index.html", "/../outside/x", "/etc/../../outside/y"):
         files = [{"path": path, "contents": base64.b64encode(b"pwned").decode()}]
@@ -255,7 +242,7 @@ def test_personality_escape_through_symlinked_parent(run, tmp_path):
 
 
 def test_windows_tasks_skip_linux_and_need_hives(run, tmp_path):
-    root = tree(tmp_path / "root", BASE)
+    root = image_tree(tmp_path / "root", BASE)
     for task in ("35InstallUnattend", "50DisableRemoteDesktopConnections"):
         assert run(task, root).stderr == ""
         result = run(task, root, {"SNF_IMAGE_PROPERTY_OSFAMILY": "windows"}, check=False)
@@ -265,7 +252,7 @@ def test_windows_tasks_skip_linux_and_need_hives(run, tmp_path):
 
 
 def test_custom_task(run, tmp_path):
-    root = tree(tmp_path / "root", BASE)
+    root = image_tree(tmp_path / "root", BASE)
     script = b"#!/bin/sh\necho \"$SNF_IMAGE_HOSTNAME\" > \"$SNF_IMAGE_TARGET/ran\"\nexit 0\n"
     run("70RunCustomTask", root, {"SNF_IMAGE_PROPERTY_CUSTOM_TASK":
                                   base64.b64encode(script).decode()})
@@ -282,7 +269,7 @@ def test_custom_task(run, tmp_path):
 def test_cloud_init_personality_script_runs_in_the_guest(run, tmp_path):
     """The first-boot script, run in a chroot of the tree with busybox as its shell."""
     require_root()
-    root = tree(tmp_path / "root", dict(BASE, **{"/home/debian": None, "/bin": None}))
+    root = image_tree(tmp_path / "root", dict(BASE, **{"/home/debian": None, "/bin": None}))
     os.chown(root / "home/debian", 1000, 1000)
     busybox = shutil.which("busybox")
     if busybox is None:
