@@ -2,9 +2,11 @@
 the test cache, fixtures, and the rule that root/loop/qemu tests may skip on a developer machine that
 cannot run them but never in CI (CI=true turns such a skip into a failure)."""
 
+import contextlib
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -58,6 +60,30 @@ def image_tree(base, files):
         else:
             full.write_text(content)
     return base
+
+
+@contextlib.contextmanager
+def e2e_site_root(prefix):
+    """A private site directory for end-to-end deployments: images/ and an empty
+    variants/default.conf, below the test cache (the file system of the cached
+    images, so that link_or_copy links them); removed afterwards."""
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    root = Path(tempfile.mkdtemp(prefix=prefix, dir=CACHE_DIR))
+    try:
+        (root / "images").mkdir()
+        (root / "variants").mkdir()
+        (root / "variants" / "default.conf").write_text("")
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def link_or_copy(source, target):
+    """A cached image into a site: a hard link where the file system allows, else a copy."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
 
 
 def require_helper_build():

@@ -4,14 +4,11 @@ file onto disks full of old random data. The sparse copy must leave no old
 byte in the image's range; the helper must find the OS on the qcow2 copy."""
 
 import os
-import shutil
 import subprocess
-import tempfile
-from pathlib import Path
 
 import pytest
 
-from conftest import CACHE_DIR, require_helper_build, require_programs
+from conftest import e2e_site_root, require_helper_build, require_programs
 from helpervm import built_helper_dir
 from images import debian_image
 from test_e2e_helper import RECORDING_TASKS, Deployment, same_bytes
@@ -26,12 +23,7 @@ def site():
     require_helper_build()
     require_programs("qemu-img")
     helper_dir = built_helper_dir(tasks_dir=RECORDING_TASKS)
-    CACHE_DIR.mkdir(parents=True, exist_ok=True)
-    root = Path(tempfile.mkdtemp(prefix="copy-e2e-", dir=CACHE_DIR))
-    try:
-        (root / "images").mkdir()
-        (root / "variants").mkdir()
-        (root / "variants" / "default.conf").write_text("")
+    with e2e_site_root("copy-e2e-") as root:
         image = debian_image("mbr")
         # names that say nothing: the format comes from the header
         subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(image),
@@ -40,8 +32,6 @@ def site():
         subprocess.run(["cp", "--sparse=always", str(image), str(sparse)], check=True)
         assert os.stat(sparse).st_blocks * 512 < os.path.getsize(sparse) // 2
         yield {"root": root, "helper_dir": helper_dir, "image": image}
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture

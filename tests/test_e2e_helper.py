@@ -13,15 +13,13 @@ reads raw: nothing is mounted on the host."""
 import hashlib
 import json
 import os
-import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 import pytest
 
 import ganeti_env
-from conftest import CACHE_DIR, REPO, require_helper_build
+from conftest import REPO, e2e_site_root, link_or_copy, require_helper_build
 from helpervm import built_helper_dir
 from images import debian_image
 
@@ -38,21 +36,10 @@ def site():
     """A built helper, a Debian image in an IMAGE_DIR, a variants dir; removed afterwards."""
     require_helper_build()
     helper_dir = built_helper_dir(tasks_dir=RECORDING_TASKS)
-    CACHE_DIR.mkdir(parents=True, exist_ok=True)
-    root = Path(tempfile.mkdtemp(prefix="runtime-e2e-", dir=CACHE_DIR))
-    try:
-        (root / "images").mkdir()
-        (root / "variants").mkdir()
-        (root / "variants" / "default.conf").write_text("")
+    with e2e_site_root("runtime-e2e-") as root:
         for layout in ("mbr", "gpt"):
-            image = debian_image(layout)
-            try:
-                os.link(image, root / "images" / f"debian-{layout}.img")   # same file system: no copy
-            except OSError:
-                shutil.copyfile(image, root / "images" / f"debian-{layout}.img")
+            link_or_copy(debian_image(layout), root / "images" / f"debian-{layout}.img")
         yield {"root": root, "helper_dir": helper_dir, "image": root / "images" / "debian-mbr.img"}
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture

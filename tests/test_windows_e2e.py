@@ -18,16 +18,14 @@ read (refused before the disk is written)."""
 import base64
 import json
 import os
-import shutil
 import subprocess
-import tempfile
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
 
 import ganeti_env
-from conftest import CACHE_DIR, require_helper_build, require_programs
+from conftest import e2e_site_root, link_or_copy, require_helper_build, require_programs
 from helpervm import built_helper_dir
 from test_e2e_helper import leftover_processes
 from windows_disks import (CONTROL_SET, README, SETUP_COMPLETE, mounted_ntfs, ntfs_volume_bytes,
@@ -73,22 +71,11 @@ def site():
     require_helper_build()
     require_programs("mkntfs", "ntfs-3g", "hivexget", "losetup")
     helper_dir = built_helper_dir()
-    CACHE_DIR.mkdir(parents=True, exist_ok=True)
-    root = Path(tempfile.mkdtemp(prefix="windows-e2e-", dir=CACHE_DIR))
-    try:
-        (root / "images").mkdir()
-        (root / "variants").mkdir()
-        (root / "variants" / "default.conf").write_text("")
+    with e2e_site_root("windows-e2e-") as root:
         for layout in ("mbr", "gpt", "complete", "legacy"):
-            image = windows_image(layout)
-            try:
-                os.link(image, root / "images" / f"windows-{layout}.img")
-            except OSError:
-                shutil.copyfile(image, root / "images" / f"windows-{layout}.img")
+            link_or_copy(windows_image(layout), root / "images" / f"windows-{layout}.img")
         (root / "images" / "answer.xml").write_text(ANSWER_FILE)
         yield {"root": root, "helper_dir": helper_dir}
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
 
 
 class Deployment:
