@@ -1374,19 +1374,34 @@ def die_with_parent():
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+def run_captured(argv, *, timeout, not_found):
+    """Run argv to completion with its output captured (stdin /dev/null). A
+    missing program or the timeout raises one line, starting with `not_found`
+    or naming the program; the caller judges the exit status."""
+    try:
+        return subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True,
+                              timeout=timeout, check=False)
+    except FileNotFoundError:
+        raise SnfError(not_found) from None
+    except subprocess.TimeoutExpired:
+        raise SnfError(f"{argv[0]} did not finish within {timeout} s") from None
+
+
+def last_stderr_line(result, default=""):
+    lines = result.stderr.decode("utf-8", "replace").strip().splitlines()
+    return lines[-1] if lines else default
+
+
 def run_program(argv, *, what, timeout=120, debug=False):
     if debug:
         log("running: " + shlex.join(argv))
     try:
-        result = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True,
-                                timeout=timeout, check=False)
-    except FileNotFoundError:
-        raise SnfError(f"{what}: program {argv[0]} not found") from None
-    except subprocess.TimeoutExpired:
-        raise SnfError(f"{what}: {argv[0]} did not finish within {timeout} s") from None
+        result = run_captured(argv, timeout=timeout, not_found=f"program {argv[0]} not found")
+    except SnfError as exc:
+        raise SnfError(f"{what}: {exc}") from None
     if result.returncode != 0:
-        lines = result.stderr.decode("utf-8", "replace").strip().splitlines() or [""]
-        raise SnfError(f"{what}: {os.path.basename(argv[0])} failed (exit {result.returncode}): {lines[-1]}")
+        raise SnfError(f"{what}: {os.path.basename(argv[0])} failed (exit {result.returncode}): "
+                       f"{last_stderr_line(result)}")
     return result.stdout.decode("utf-8", "replace")
 
 
@@ -2089,19 +2104,15 @@ def _missing_signature(config, where):
     log(f"the image is not signed ({where} absent)")
 
 
-def _run_gpgv(config, arguments, consequence, **kwargs):
+def _run_gpgv(config, arguments, consequence):
     with private_gnupg_home() as home:
         argv = config.GPGV + ["--homedir", home, "--keyring", os.path.abspath(config.IMAGE_KEYRING), *arguments]
-        try:
-            result = subprocess.run(argv, capture_output=True, timeout=600, check=False, **kwargs)
-        except FileNotFoundError:
-            raise SnfError(f"program {argv[0]} not found (needed for IMAGE_KEYRING)") from None
-        except subprocess.TimeoutExpired:
-            raise SnfError(f"{argv[0]} did not finish within 600 s") from None
+        result = run_captured(argv, timeout=600,
+                              not_found=f"program {argv[0]} not found (needed for IMAGE_KEYRING)")
     if result.returncode != 0:
-        lines = result.stderr.decode("utf-8", "replace").strip().splitlines() or ["no message"]
+        reason = last_stderr_line(result, "no message").removeprefix("gpgv: ")
         raise SnfError(f"the image's signature does not verify against IMAGE_KEYRING "
-                       f"({lines[-1].removeprefix('gpgv: ')}); {consequence}")
+                       f"({reason}); {consequence}")
 
 
 @contextmanager

@@ -86,6 +86,45 @@ def link_or_copy(source, target):
         shutil.copyfile(source, target)
 
 
+def run_on_terminal(argv, *, env, streams=("stdin", "stdout", "stderr"), reply=None, timeout=60):
+    """Run argv with a pseudo-terminal as the named standard streams (the
+    others /dev/null) and read what it shows until it exits. `reply` is
+    (prompt, answer): `answer` and a newline are typed once `prompt` shows.
+    Returns (exit status, everything shown)."""
+    import select
+    import subprocess
+    import time
+    main_fd, terminal_fd = os.openpty()
+    chosen = {name: terminal_fd if name in streams else subprocess.DEVNULL
+              for name in ("stdin", "stdout", "stderr")}
+    proc = subprocess.Popen(argv, env=env, close_fds=True, **chosen)
+    os.close(terminal_fd)
+    shown, answered = b"", reply is None
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([main_fd], [], [], 0.5)
+            if ready:
+                try:
+                    chunk = os.read(main_fd, 65536)
+                except OSError:            # EIO: the last writer closed the terminal
+                    chunk = b""
+                if not chunk:
+                    break
+                shown += chunk
+            if not answered and reply[0].encode() in shown:
+                os.write(main_fd, reply[1].encode() + b"\n")
+                answered = True
+            if not ready and proc.poll() is not None:
+                break
+        return proc.wait(timeout=60), shown.decode(errors="replace")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(main_fd)
+
+
 def require_helper_build():
     """Skip (or fail in CI) where the builder cannot run."""
     require_root()

@@ -205,38 +205,43 @@ def test_config_url_drip_through_deploy(tmp_path, server):
     assert disk.read_bytes() == b"\x5a" * MIB
 
 
-def test_resumed_image_through_deploy_is_verified(tmp_path, server):
-    """A cut network image resumes and lands on the disk byte for byte."""
+def deploy_network_image(site, disk, url):
+    return site.deploy("--disk", disk, "--img-id", url, "--img-format", "diskdump",
+                       "--no-helper", timeout=120)
+
+
+@pytest.fixture
+def cut_image(tmp_path, server):
+    """A 3 MiB network image whose downloads get cut; a site and a 4 MiB disk for it."""
     server.body = os.urandom(3 * MIB)
-    server.cut_at = [MIB + 4096 * 3 + 1]
-    site = Site(tmp_path / "site")
     disk = tmp_path / "disk"
     disk.write_bytes(bytes(4 * MIB))
-    result = site.deploy("--disk", disk, "--img-id", server.url("/img.raw"), "--img-format", "diskdump",
-                         "--no-helper", timeout=120)
+    return server, Site(tmp_path / "site"), disk
+
+
+def test_resumed_image_through_deploy_is_verified(cut_image):
+    """A cut network image resumes and lands on the disk byte for byte."""
+    server, site, disk = cut_image
+    server.cut_at = [MIB + 4096 * 3 + 1]
+    result = deploy_network_image(site, disk, server.url("/img.raw"))
     assert result.returncode == 0, result.stderr.decode()[-2000:]
     assert b"resuming" in result.stderr
     written = disk.read_bytes()[:len(server.body)]
     assert hashlib.sha256(written).digest() == hashlib.sha256(server.body).digest()
 
 
-def test_resumed_download_checked_against_its_checksum_file(tmp_path, server):
+def test_resumed_download_checked_against_its_checksum_file(cut_image):
     """URL.sha256 next to the image: verified end to end across the resumed connections."""
-    server.body = os.urandom(3 * MIB)
+    server, site, disk = cut_image
     server.cut_at = [MIB + 1, 2 * MIB + 3]
     server.files["/img.raw.sha256"] = hashlib.sha256(server.body).hexdigest().encode() + b"  img.raw\n"
-    site = Site(tmp_path / "site")
-    disk = tmp_path / "disk"
-    disk.write_bytes(bytes(4 * MIB))
-    result = site.deploy("--disk", disk, "--img-id", server.url("/img.raw?token=1"), "--img-format", "diskdump",
-                         "--no-helper", timeout=120)
+    result = deploy_network_image(site, disk, server.url("/img.raw?token=1"))
     assert result.returncode == 0, result.stderr.decode()[-2000:]
     assert b"verifying the download against" in result.stderr and result.stderr.count(b"resuming") == 2
     assert disk.read_bytes()[:len(server.body)] == server.body
     # the same with a wrong digest: the error says what the disk now holds
     server.files["/img.raw.sha256"] = b"0" * 64 + b"\n"
     server.cut_at = [MIB + 1]
-    result = site.deploy("--disk", disk, "--img-id", server.url("/img.raw"), "--img-format", "diskdump",
-                         "--no-helper", timeout=120)
+    result = deploy_network_image(site, disk, server.url("/img.raw"))
     assert result.returncode == 1
     assert "sha256 checksum mismatch" in last_line(result) and "disk now holds this bad image" in last_line(result)

@@ -4,14 +4,11 @@ a real pseudo-terminal (os.openpty) as stderr of the real program."""
 
 import os
 import re
-import select
-import subprocess
 import sys
-import time
 
 import pytest
 
-from conftest import REPO, require_programs, require_root
+from conftest import REPO, require_programs, require_root, run_on_terminal
 from host_testlib import Site
 
 HOST = REPO / "snf-image-host.py"
@@ -21,35 +18,8 @@ TIMESTAMPED = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d (INFO|WARNING): ", re
 
 def deploy_on_terminal(site, *args, timeout=900):
     """Run deploy with a pseudo-terminal as stderr; (exit status, what it showed)."""
-    main_fd, terminal_fd = os.openpty()
-    os.set_blocking(main_fd, False)
-    proc = subprocess.Popen([sys.executable, str(HOST), "deploy", *map(str, args)],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=terminal_fd, env=site.env(COLUMNS="80"), close_fds=True)
-    os.close(terminal_fd)
-    shown = bytearray()
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([main_fd], [], [], 0.5)
-            if ready:
-                try:
-                    chunk = os.read(main_fd, 65536)
-                except (BlockingIOError, OSError):   # EIO: the last writer closed the terminal
-                    chunk = b""
-                if chunk:
-                    shown += chunk
-                    continue
-            if proc.poll() is not None and not ready:
-                break
-            if ready and proc.poll() is not None:
-                break
-        return proc.wait(timeout=60), shown.decode(errors="replace")
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        os.close(main_fd)
+    return run_on_terminal([sys.executable, str(HOST), "deploy", *map(str, args)],
+                           env=site.env(COLUMNS="80"), streams=("stderr",), timeout=timeout)
 
 
 def rendered(shown):

@@ -8,16 +8,13 @@ releases are small fake ones; booting real releases is test_update_helper_vm's."
 import hashlib
 import json
 import os
-import pty
-import select
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, load_script
+from conftest import REPO, load_script, run_on_terminal
 from helpervm import current_fake_release, fake_release
 
 builder = load_script("snf-image-update-helper.py")
@@ -216,37 +213,10 @@ def test_check_names_the_node_and_its_problem(isolated, capsys, damage, message)
 
 # --- the question asked on a terminal ----------------------------------------------
 
-def run_on_terminal(argv, answer, env, timeout=60):
-    """Run the builder with a pseudo-terminal as stdin/stdout; type `answer`
-    once the question shows. Returns (exit status, everything shown)."""
-    main_fd, terminal_fd = pty.openpty()
-    proc = subprocess.Popen([sys.executable, str(BUILDER), *map(str, argv)], stdin=terminal_fd,
-                            stdout=terminal_fd, stderr=terminal_fd, env=env, close_fds=True)
-    os.close(terminal_fd)
-    shown, answered = b"", False
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([main_fd], [], [], 0.5)
-            if ready:
-                try:
-                    chunk = os.read(main_fd, 4096)
-                except OSError:       # EIO: the child closed the terminal
-                    break
-                if not chunk:
-                    break
-                shown += chunk
-            if not answered and b"[y/N]?" in shown and answer is not None:
-                os.write(main_fd, answer.encode() + b"\n")
-                answered = True
-            if proc.poll() is not None and not ready:
-                break
-        return proc.wait(timeout=timeout), shown.decode(errors="replace")
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        os.close(main_fd)
+def builder_on_terminal(argv, answer, env, timeout=60):
+    """Run the builder on a pseudo-terminal; type `answer` once the question shows."""
+    return run_on_terminal([sys.executable, str(BUILDER), *map(str, argv)], env=env,
+                           reply=None if answer is None else ("[y/N]?", answer), timeout=timeout)
 
 
 @pytest.mark.parametrize("answer, replaced", [("n", False), ("", False), ("maybe\ny", True),
@@ -256,7 +226,7 @@ def test_terminal_asks_before_replacing_the_current_helper(exported, isolated, a
     current_fake_release(target, "20250101T000000Z-00000001")
     env = dict(os.environ, SNF_IMAGE_CONFIG=str(isolated / "snf-image.conf"),
                SNF_IMAGE_UPDATE_HELPER_CONFIG=str(isolated / "update-helper.conf"))
-    code, shown = run_on_terminal(["--helper-dir", target, "--import", exported], answer, env)
+    code, shown = builder_on_terminal(["--helper-dir", target, "--import", exported], answer, env)
     assert "replaces the current helper" in shown and "20250101T000000Z-00000001" in shown
     assert shown.count("Do you want to continue [y/N]?") == (2 if answer.startswith("maybe") else 1)
     assert installed_build_id(target) == (BUILD_ID if replaced else "20250101T000000Z-00000001")
@@ -270,7 +240,7 @@ def test_yes_or_no_terminal_means_no_question(exported, isolated):
                SNF_IMAGE_UPDATE_HELPER_CONFIG=str(isolated / "update-helper.conf"))
     target = isolated / "node"
     current_fake_release(target, "20250101T000000Z-00000001")
-    code, shown = run_on_terminal(["-y", "--helper-dir", target, "--import", exported], None, env)
+    code, shown = builder_on_terminal(["-y", "--helper-dir", target, "--import", exported], None, env)
     assert code == 0 and "[y/N]" not in shown
     fake_release(isolated / "other", "20250101T000000Z-00000002")
     (isolated / "other" / "current").symlink_to("releases/20250101T000000Z-00000002")
