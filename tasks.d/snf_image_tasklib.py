@@ -812,3 +812,24 @@ def unit_will_run(root, name, first_boot=None, pulled=None):
     if name not in (pulled_units(root) if pulled is None else pulled):
         return False
     return unit_conditions_hold(root, name, settings, first_boot)
+
+
+# --------------------------------------------------------------------------
+# Material prepared on the node (rules disk: prepared.json)
+# --------------------------------------------------------------------------
+
+def prepared(section):
+    """The `section` (ssh_host_keys, password_hashes) of what the host made
+    natively for this deployment, {} when there is none or it is unreadable:
+    the tasks then make everything themselves."""
+    path = env("PREPARED")
+    if not path:
+        return {}
+    import json
+    try:
+        with open(path, encoding="utf-8") as handle:
+            material = json.load(handle)
+    except (OSError, ValueError):
+        return {}
+    value = material.get(section) if isinstance(material, dict) and material.get("format") == 1 else None
+    return value if isinstance(value, dict) else {}
