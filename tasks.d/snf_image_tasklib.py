@@ -704,10 +704,11 @@ def expand_specifiers(value, name):
     return "".join(out)
 
 
-def pulled_units(root):
+def pulled_units(root, settings_out=None):
     """Units the next boot pulls in: those linked in a *.wants/*.requires
     directory, and what they Want/Require in turn (an approximation of the
-    boot transaction that errs on the side of including a unit)."""
+    boot transaction that errs on the side of including a unit).  A dict
+    given as settings_out receives each unit's unit_settings (read once)."""
     todo = []
     for directory in UNIT_DIRS:
         for pattern in ("*.wants", "*.requires"):
@@ -720,6 +721,8 @@ def pulled_units(root):
             continue
         seen.add(name)
         settings = unit_settings(root, name) or {}
+        if settings_out is not None:
+            settings_out[name] = settings
         for key in PULLING_KEYS:
             for value in settings.get(f"Unit.{key}", []):
                 for other in value.split():
