@@ -1278,6 +1278,8 @@ class Deployment:
             env["SNF_IMAGE_DEV"] = disks[0]
         env["SNF_IMAGE_UNATTEND"] = os.path.join(floppy_dir, "unattend.xml")
         env["SNF_IMAGE_SYSPREPINF"] = os.path.join(floppy_dir, "sysprep.inf")
+        if os.path.isfile(os.path.join(floppy_dir, "prepared.json")):   # host keys, hashes made on the node
+            env["SNF_IMAGE_PREPARED"] = os.path.join(floppy_dir, "prepared.json")
         env["HYPERVISOR"] = hypervisor
         env["RULES_DEV"] = rules_dev
         env["SNF_IMAGE_MONITOR"] = self.progress_port

@@ -657,6 +657,8 @@ SETTINGS = (
     Setting("QEMU", "qemu-system-x86_64", _check_command, "qemu program", BOTH),
     Setting("QEMU_IMG", "qemu-img", _check_command, "qemu-img program (tools)"),
     Setting("MKFS_EXT2", "mkfs.ext2", _check_command, "mkfs.ext2 program (floppy)"),
+    Setting("SSH_KEYGEN", "ssh-keygen", _check_command, "ssh-keygen program (SSH host keys made on the node; "
+            "missing: the helper makes them)"),
     Setting("MULTISTRAP", "multistrap", _check_command, "multistrap program", BUILDER),
     Setting("MKFS_EXT4", "mkfs.ext4", _check_command, "mkfs.ext4 program (the helper's root image)", BUILDER),
     Setting("DEPMOD", "depmod", _check_command, "depmod program", BUILDER),
@@ -3156,31 +3158,36 @@ def check_floppy_budget(rules_json, unattend, sysprep, env):
                    f"{sizes[largest] // 1024} KiB", 2)
 
 
-def make_floppy(workdir, config, rules, params):
-    """Write rules.json, unattend.xml, sysprep.inf into a 1440 KiB ext2 image (mkfs.ext2 -d)."""
+def floppy_files(config, rules, params):
+    """The rules disk's files {name: bytes}, answer files fetched and the size
+    budget checked (sysprep.inf None: a link to unattend.xml)."""
+    rules_json = json.dumps(rules, indent=1, sort_keys=True).encode()
+    if config.UNATTEND:
+        warn("the UNATTEND setting is deprecated; use os_answer_file")
+        try:
+            unattend = Path(config.UNATTEND).read_bytes()
+        except OSError as exc:
+            raise SnfError(f"cannot read UNATTEND file {config.UNATTEND}: {exc.strerror}", 2) from None
+        sysprep = default_answer_files(config.WINDOWS_TIMEZONE)[1]
+    elif params.get("os_answer_file"):
+        unattend = fetch_answer_file(params["os_answer_file"], config.IMAGE_DIR, config.URL_TIMEOUT)
+        sysprep = None
+    else:
+        unattend, sysprep = default_answer_files(config.WINDOWS_TIMEZONE)
+    check_floppy_budget(rules_json, unattend, sysprep, rules["env"])
+    return {"rules.json": rules_json, "unattend.xml": unattend, "sysprep.inf": sysprep}
+
+
+def write_floppy(workdir, config, files):
+    """Write `files` (floppy_files, plus prepared.json) into a 1440 KiB ext2 image (mkfs.ext2 -d)."""
     content = os.path.join(workdir, "floppy-content")
     os.mkdir(content, 0o700)
     try:
-        rules_json = json.dumps(rules, indent=1, sort_keys=True).encode()
-        if config.UNATTEND:
-            warn("the UNATTEND setting is deprecated; use os_answer_file")
-            try:
-                unattend = Path(config.UNATTEND).read_bytes()
-            except OSError as exc:
-                raise SnfError(f"cannot read UNATTEND file {config.UNATTEND}: {exc.strerror}", 2) from None
-            sysprep = default_answer_files(config.WINDOWS_TIMEZONE)[1]
-        elif params.get("os_answer_file"):
-            unattend = fetch_answer_file(params["os_answer_file"], config.IMAGE_DIR, config.URL_TIMEOUT)
-            sysprep = None
-        else:
-            unattend, sysprep = default_answer_files(config.WINDOWS_TIMEZONE)
-        check_floppy_budget(rules_json, unattend, sysprep, rules["env"])
-        write_private(os.path.join(content, "rules.json"), rules_json)
-        write_private(os.path.join(content, "unattend.xml"), unattend)
-        if sysprep is None:
-            os.symlink("unattend.xml", os.path.join(content, "sysprep.inf"))
-        else:
-            write_private(os.path.join(content, "sysprep.inf"), sysprep)
+        for name, data in files.items():
+            if data is None:
+                os.symlink("unattend.xml", os.path.join(content, name))
+            else:
+                write_private(os.path.join(content, name), data)
         floppy = os.path.join(workdir, "floppy.img")
         fd = os.open(floppy, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         os.ftruncate(fd, FLOPPY_SIZE)
@@ -3191,6 +3198,199 @@ def make_floppy(workdir, config, rules, params):
     finally:
         import shutil
         shutil.rmtree(content, ignore_errors=True)
+
+
+def make_floppy(workdir, config, rules, params):
+    """Write rules.json, unattend.xml, sysprep.inf into a 1440 KiB ext2 image (mkfs.ext2 -d)."""
+    return write_floppy(workdir, config, floppy_files(config, rules, params))
+
+
+# ---------------------------------------------------------------------------
+# Material prepared on the node for the two costly tasks
+# ---------------------------------------------------------------------------
+
+# What 50DeleteSSHKeys makes (types, sizes, PEM form) and 50ChangePassword
+# hashes with (crypt_gensalt_rn prefix and cost, 0: libxcrypt's default).
+PREPARED_KEY_TYPES = {"rsa": ["-b", "3072", "-m", "PEM"], "ecdsa": ["-b", "256", "-m", "PEM"],
+                      "ed25519": []}
+PREPARED_HASH_PREFIXES = {"yescrypt": ("$y$", 0), "sha512": ("$6$", 0), "sha256": ("$5$", 0),
+                          "md5": ("$1$", 0), "blowfish": ("$2b$", 10)}
+# without PASSWD_HASHING_METHOD: what Debian 11+, Ubuntu 20.04+, Fedora (yescrypt)
+# and RHEL, SUSE and the task's own default (SHA-512) hash with
+DEFAULT_PREPARED_METHODS = ("yescrypt", "sha512")
+PREPARED_USERS_MAX = 16
+PREPARED_KEYGEN_TIMEOUT = 60
+LIBCRYPT = "libcrypt.so.1"
+CRYPT_DATA_SIZE = 32768             # sizeof(struct crypt_data) in libxcrypt
+NO_VALUES = ("no", "false", "off", "0", "unset", "")
+
+
+def _merged_properties(params):
+    """img_properties then inst_properties (key by key), names upper-cased."""
+    merged = {}
+    for name in ("img_properties", "inst_properties"):
+        try:
+            value = json.loads(params.get(name) or "{}")
+        except ValueError:
+            continue
+        if isinstance(value, dict):
+            merged.update({str(key).upper(): str(item) for key, item in value.items()})
+    return merged
+
+
+def _crypt_functions():
+    """crypt_gensalt_rn and crypt_rn of the node's libxcrypt, or None."""
+    import ctypes
+    try:
+        library = ctypes.CDLL(LIBCRYPT)
+        gensalt, crypt_rn = library.crypt_gensalt_rn, library.crypt_rn
+    except (OSError, AttributeError):
+        return None
+    gensalt.restype = ctypes.c_char_p
+    gensalt.argtypes = [ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p, ctypes.c_int,
+                        ctypes.c_char_p, ctypes.c_int]
+    crypt_rn.restype = ctypes.c_char_p
+    crypt_rn.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_int]
+    return gensalt, crypt_rn
+
+
+def node_crypt(functions, password, method):
+    """crypt(3) of `password` with a fresh setting of `method` (the node's own
+    random salt, the task's cost), or None; the work area is zeroed."""
+    import ctypes
+    gensalt, crypt_rn = functions
+    prefix, cost = PREPARED_HASH_PREFIXES[method]
+    output = ctypes.create_string_buffer(192)
+    setting = gensalt(prefix.encode(), cost, None, 0, output, len(output))
+    if not setting or not setting.startswith(prefix.encode()):
+        return None
+    work_area = ctypes.create_string_buffer(CRYPT_DATA_SIZE)
+    try:
+        result = crypt_rn(password.encode("utf-8"), setting, work_area, CRYPT_DATA_SIZE)
+        hashed = result.decode("ascii", "replace") if result else ""
+    finally:
+        ctypes.memset(work_area, 0, CRYPT_DATA_SIZE)
+    return hashed if hashed.startswith(setting.decode("ascii", "replace")) else None
+
+
+class HostPreparation:
+    """SSH host keys and password hashes made on the node (native CPU, not
+    the helper's TCG) while the image is copied, for 50DeleteSSHKeys and
+    50ChangePassword; the tasks use them only when they are what they would
+    make themselves. ssh-keygen writes into a private directory of the work
+    directory, removed as soon as the keys are read (and with the work
+    directory on any exit). Anything missing on the node (ssh-keygen,
+    libxcrypt, a method) just leaves that part to the helper."""
+
+    def __init__(self, workdir, config, params, image_format, instance):
+        self.workdir, self.config = workdir, config
+        self.params, self.image_format, self.instance = params, image_format, instance
+        self.keygens, self.key_dir, self.hasher, self.hashes = {}, None, None, {}
+
+    def wanted(self):
+        """(key types, hash methods, users) the helper may ask for."""
+        properties = _merged_properties(self.params)
+
+        def yes(name):
+            return properties.get(name, "no").lower() not in NO_VALUES
+        if self.image_format == "ntfsdump" or properties.get("OSFAMILY", "").startswith("windows") \
+                or yes("EXCLUDE_ALL_TASKS"):
+            return (), (), ()
+        key_types = () if yes("CLOUD_INIT") or yes("EXCLUDE_TASK_DELETESSHKEYS") else tuple(PREPARED_KEY_TYPES)
+        methods, users = (), ()
+        if self.params.get("img_passwd") and "img_passwd_hash" not in self.params \
+                and not yes("EXCLUDE_TASK_CHANGEPASSWORD"):
+            users = tuple(dict.fromkeys(properties.get("USERS", "").split())) or ("root",)
+            asked = properties.get("PASSWD_HASHING_METHOD", "").strip().lower()
+            methods = (asked,) if asked else DEFAULT_PREPARED_METHODS
+            methods = tuple(method for method in methods if method in PREPARED_HASH_PREFIXES)
+            if len(users) > PREPARED_USERS_MAX:
+                methods = ()
+        return key_types, methods, users
+
+    def __enter__(self):
+        key_types, methods, users = self.wanted()
+        import shutil
+        if key_types and shutil.which(self.config.SSH_KEYGEN[0]):
+            import tempfile
+            self.key_dir = tempfile.mkdtemp(prefix="hostkeys-", dir=self.workdir)
+            comment = "root@" + (self.instance or "localhost").split(".")[0]
+            for kind in key_types:
+                argv = self.config.SSH_KEYGEN + ["-q", "-t", kind, *PREPARED_KEY_TYPES[kind], "-N", "",
+                                                 "-C", comment, "-f", os.path.join(self.key_dir, kind)]
+                try:
+                    self.keygens[kind] = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
+                                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                except OSError:
+                    break
+        if methods:
+            functions = _crypt_functions()
+            if functions:
+                password = self.params["img_passwd"]
+                self.hasher = threading.Thread(target=self._hash, args=(functions, password, methods, users),
+                                               name="prepare-hashes", daemon=True)
+                self.hasher.start()
+        return self
+
+    def _hash(self, functions, password, methods, users):
+        for method in methods:
+            hashes = {user: node_crypt(functions, password, method) for user in users}
+            if all(hashes.values()):
+                self.hashes[method] = hashes
+
+    def collect(self):
+        """prepared.json (bytes) with what was made, or None."""
+        keys = {}
+        deadline = time.monotonic() + PREPARED_KEYGEN_TIMEOUT
+        for kind, process in self.keygens.items():
+            try:
+                status = process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                continue
+            path = os.path.join(self.key_dir, kind)
+            try:
+                private = Path(path).read_text(encoding="ascii")
+                public = Path(path + ".pub").read_text(encoding="ascii").strip()
+            except (OSError, UnicodeDecodeError):
+                continue
+            if status == 0:
+                keys[kind] = {"private": private, "public": public}
+        self._discard_keys()
+        if self.hasher is not None:
+            self.hasher.join(max(0.1, deadline - time.monotonic()))
+        hashes = {} if self.hasher is None or self.hasher.is_alive() else self.hashes
+        if not keys and not hashes:
+            return None
+        log(f"prepared on the node: SSH host keys ({', '.join(keys) or 'none'}), password hashes "
+            f"({', '.join(hashes) or 'none'})")
+        return json.dumps({"format": 1, "ssh_host_keys": keys, "password_hashes": hashes},
+                          indent=1, sort_keys=True).encode()
+
+    def _discard_keys(self):
+        for process in self.keygens.values():
+            if process.poll() is None:
+                process.kill()
+            process.wait()
+        self.keygens = {}
+        if self.key_dir:
+            import shutil
+            shutil.rmtree(self.key_dir, ignore_errors=True)
+            self.key_dir = None
+
+    def __exit__(self, *exc_info):
+        self._discard_keys()
+        self.hashes = {}
+
+
+def add_prepared(files, prepared):
+    """`files` with prepared.json added when it fits the rules disk's budget."""
+    if prepared is None:
+        return files
+    total = sum(-(-len(data or b"") // 1024) * 1024 for data in (*files.values(), prepared))
+    if total > FLOPPY_BUDGET:
+        log("the material prepared on the node does not fit on the rules floppy: the helper makes it")
+        return files
+    return {**files, "prepared.json": prepared}
 
 
 HELPER_RELEASE_FILES = ("kernel", "initrd", "image")
@@ -3696,8 +3896,9 @@ def deploy_image(job):
             if shutil.which(program) is None:
                 raise SnfError(f"program {program} not found (needed for the helper VM)")
     # the work directory holds the floppy: only the helper VM needs one. The
-    # floppy is made first: answer files fetched and its size budget checked
-    # before the first byte reaches the disk.
+    # floppy's files come first: answer files fetched and its size budget
+    # checked before the first byte reaches the disk. The floppy itself is
+    # written after the copy, with what the node prepared meanwhile.
     with private_temp_dir(config.TEMP_DIR) if run_helper else nullcontext() as workdir:
         if run_helper:
             rules = {
@@ -3706,12 +3907,15 @@ def deploy_image(job):
                                           bool(params.get("os_answer_file")) and not config.UNATTEND),
                 "disks": [f"snf-disk{disk.index}" for disk in disks],
             }
-            floppy = make_floppy(workdir, config, rules, params)
-        with open_image_source(config, img_id, image_format) as source:
-            copy_image(job, source)
-        if not run_helper:
-            monitor.info("Image copied; --no-helper given: the image was NOT customized.")
-            return
+            files = floppy_files(config, rules, params)
+        with HostPreparation(workdir, config, params, image_format, instance) if run_helper \
+                else nullcontext() as preparation:
+            with open_image_source(config, img_id, image_format) as source:
+                copy_image(job, source)
+            if not run_helper:
+                monitor.info("Image copied; --no-helper given: the image was NOT customized.")
+                return
+            floppy = write_floppy(workdir, config, add_prepared(files, preparation.collect()))
         run_helper_vm(config, monitor, release, disks, floppy, workdir)
         monitor.info("Image customization finished successfully.")
 

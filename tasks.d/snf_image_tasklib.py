@@ -704,10 +704,11 @@ def expand_specifiers(value, name):
     return "".join(out)
 
 
-def pulled_units(root):
+def pulled_units(root, settings_out=None):
     """Units the next boot pulls in: those linked in a *.wants/*.requires
     directory, and what they Want/Require in turn (an approximation of the
-    boot transaction that errs on the side of including a unit)."""
+    boot transaction that errs on the side of including a unit).  A dict
+    given as settings_out receives each unit's unit_settings (read once)."""
     todo = []
     for directory in UNIT_DIRS:
         for pattern in ("*.wants", "*.requires"):
@@ -720,6 +721,8 @@ def pulled_units(root):
             continue
         seen.add(name)
         settings = unit_settings(root, name) or {}
+        if settings_out is not None:
+            settings_out[name] = settings
         for key in PULLING_KEYS:
             for value in settings.get(f"Unit.{key}", []):
                 for other in value.split():
@@ -812,3 +815,24 @@ def unit_will_run(root, name, first_boot=None, pulled=None):
     if name not in (pulled_units(root) if pulled is None else pulled):
         return False
     return unit_conditions_hold(root, name, settings, first_boot)
+
+
+# --------------------------------------------------------------------------
+# Material prepared on the node (rules disk: prepared.json)
+# --------------------------------------------------------------------------
+
+def prepared(section):
+    """The `section` (ssh_host_keys, password_hashes) of what the host made
+    natively for this deployment, {} when there is none or it is unreadable:
+    the tasks then make everything themselves."""
+    path = env("PREPARED")
+    if not path:
+        return {}
+    import json
+    try:
+        with open(path, encoding="utf-8") as handle:
+            material = json.load(handle)
+    except (OSError, ValueError):
+        return {}
+    value = material.get(section) if isinstance(material, dict) and material.get("format") == 1 else None
+    return value if isinstance(value, dict) else {}

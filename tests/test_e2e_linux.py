@@ -85,6 +85,7 @@ class Scenario:
     firmware: str = "bios"
     root_fstype: str = "ext4"
     first_boot_keygen: bool = False  # the image's own first-boot unit makes the SSH host keys
+    node_keygen: bool = True   # the node has ssh-keygen (else the helper makes the host keys)
 
 
 SCENARIOS = {
@@ -119,10 +120,12 @@ SCENARIOS = {
                                machine_id="uninitialized", firmware="uefi",
                                first_boot_keygen=True),
     # Debian 13 with NetworkManager and its own DHCP profile for any NIC; an
-    # empty machine-id (no first boot, systemd makes the id).
+    # empty machine-id (no first boot, systemd makes the id). The node has no
+    # ssh-keygen: the helper makes the host keys itself.
     "mbr-nm": Scenario("mbr-nm", "vm7.example.org",
                        {"OSFAMILY": "linux", "ROOT_PARTITION": "1", "SWAP": f"2:{SWAP_MIB}"},
-                       swap_partition=2, root_partition=1, network="nm", machine_id="empty"),
+                       swap_partition=2, root_partition=1, network="nm", machine_id="empty",
+                       node_keygen=False),
 }
 PASSWORD_PROBE = "/root/.snf-test-password-probe"   # read (and removed) by the guest's report
 
@@ -233,7 +236,8 @@ def deploy_and_boot(scenario, workdir):
     config = workdir / "snf-image.conf"
     config.write_text(f'IMAGE_DIR="{IMAGES_DIR}"\nVARIANTS_DIR="{variants}"\n'
                       f'HELPER_DIR="{helper_dir}"\nHELPER_ACCEL="tcg"\n'
-                      'HELPER_SOFT_TIMEOUT="15m"\nHELPER_HARD_TIMEOUT="30"\n')
+                      'HELPER_SOFT_TIMEOUT="15m"\nHELPER_HARD_TIMEOUT="30"\n'
+                      + ('' if scenario.node_keygen else 'SSH_KEYGEN="/nonexistent/ssh-keygen"\n'))
     os_dir = ganeti_env.install_os_dir(workdir / "os")
     disk = workdir / "disk0.img"
     with open(disk, "wb") as handle:
@@ -285,6 +289,11 @@ def test_create_logs_no_secrets(deployment):
     assert deployment.password not in log
     for key in deployment.keys:
         assert key.split()[1] not in log
+    # nor the host keys and password hashes made on the node
+    assert "PRIVATE KEY" not in log
+    hashes = {line.split(":")[1] for line in deployment.report.text("shadow").splitlines()
+              if line.count(":") >= 2}
+    assert not [value for value in hashes if value.startswith("$") and value in log]
 
 
 def test_no_failed_units(deployment):
@@ -362,6 +371,18 @@ def test_ssh_host_keys_are_new(deployment):
     before = {fingerprint(text) for text in deployment.pristine.values() if text.startswith("ssh-")
               or text.startswith("ecdsa-")}
     assert before and not (now & before), "the image's SSH host keys were not replaced"
+    scenario, log = deployment.scenario, deployment.create.stdout + deployment.create.stderr
+    if cloud_init(deployment) or scenario.first_boot_keygen:     # the image makes them
+        assert "New SSH host keys" not in log
+        if cloud_init(deployment):
+            assert "prepared on the node: SSH host keys (none)" in log
+    elif scenario.node_keygen:      # made on the node while the image was copied
+        assert "New SSH host keys prepared on the node: /etc/ssh/ssh_host_" in log
+        assert "New SSH host keys made:" not in log
+    else:                           # the fallback: the helper's own ssh-keygen
+        assert "prepared on the node: SSH host keys (none)" in log
+        assert "New SSH host keys made: /etc/ssh/ssh_host_" in log
+        assert "New SSH host keys prepared on the node" not in log
 
 
 # ----------------------------------------------------------------- users
@@ -483,8 +504,8 @@ def test_one_new_machine_id_and_first_boot_units(deployment):
         assert "sshd-keygen.service makes new host keys at its first boot" in log
         # The wizard runs (first boot) but without its console prompts.
         assert "systemd-firstboot.service will run without prompting" in log
-    elif not cloud_init(deployment):
-        assert "New SSH host keys made" in log
+    elif not cloud_init(deployment):        # made now: by the helper or on the node
+        assert "New SSH host keys made" in log or "New SSH host keys prepared on the node" in log
     if today(scenario) and not first_boot:
         assert "sshd-keygen.service will not run at the next boot (not a first boot)" in log
 
@@ -501,8 +522,12 @@ def test_password_verified_by_the_guest_and_hashed_as_the_image_expects(deployme
         return
     shadow = {line.split(":")[0]: line.split(":")[1]
               for line in report.text("shadow").splitlines() if line}
-    # Debian 11 and later hash with yescrypt (pam_unix ... yescrypt).
+    # Debian 11 and later hash with yescrypt (pam_unix ... yescrypt), here with
+    # the hashes made on the node while the image was copied, a salt per user
     assert shadow["root"].startswith("$y$") and shadow["debian"].startswith("$y$"), shadow
+    assert shadow["root"] != shadow["debian"]
+    log = deployment.create.stdout + deployment.create.stderr
+    assert "Using the yescrypt hashes prepared on the node" in log
 
 
 # ----------------------------------------------------------------- network stacks as shipped

@@ -121,9 +121,13 @@ class Run:
         assert processes_mentioning(str(self.root)) == [], "a process of the deployment is left"
         assert os.listdir(self.root / "run") == [], "the work directory (floppy) is left"
         assert SECRET not in self.text()
+        # nor the SSH host keys and password hashes made on the node for the helper
         for path in self.root.rglob("*"):
             if path.is_file() and path != self.disk:
-                assert SECRET.encode() not in path.read_bytes(), f"secret in {path}"
+                data = path.read_bytes()
+                assert SECRET.encode() not in data, f"secret in {path}"
+                if self.site.images not in path.parents:       # (random images could hold anything)
+                    assert b"PRIVATE KEY" not in data and b"$y$j9T$" not in data, f"prepared secret in {path}"
         if self.process.returncode not in (0, -signal.SIGKILL):     # SIGKILL leaves no last word
             assert self.last_line().startswith("ERROR: ")
         assert sum(line.startswith("ERROR") for line in self.text().splitlines()) <= 1

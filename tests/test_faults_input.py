@@ -47,7 +47,7 @@ def case(tmp_path):
         assert text.strip().splitlines()[-1].startswith("ERROR: ")
         assert expect in last_line(result), last_line(result)
         assert sum(line.startswith("ERROR") or " ERROR: " in line for line in text.splitlines()) == 1
-        assert SECRET not in text
+        assert SECRET not in text and "PRIVATE KEY" not in text
         assert disk.read_bytes() == ORIGINAL
         assert os.listdir(tmp_path / "run") == []
         return last_line(result)
