@@ -320,13 +320,186 @@ def _probe_filesystem(disk, offset, size):
     return None
 
 
+# The ordinary partition tables are read in Python (a tenth of a second less
+# per read under TCG than an sfdisk run); anything unusual goes to sfdisk.
+MBR_SIGNATURE = b"\x55\xaa"
+MBR_GPT_PROTECTIVE = 0xEE
+GPT_SIGNATURE = b"EFI PART"
+BLKSSZGET = 0x1268
+MAX_LOGICAL_PARTITIONS = 256
+
+
+def _guid(raw):
+    """A GPT GUID (mixed-endian bytes) as sfdisk prints it: upper case."""
+    return (f"{int.from_bytes(raw[0:4], 'little'):08X}-{int.from_bytes(raw[4:6], 'little'):04X}-"
+            f"{int.from_bytes(raw[6:8], 'little'):04X}-{raw[8:10].hex().upper()}-"
+            f"{raw[10:16].hex().upper()}")
+
+
+def _sector_size(fd):
+    import fcntl
+    import struct
+    try:
+        return struct.unpack("i", fcntl.ioctl(fd, BLKSSZGET, b"\0" * 4))[0]
+    except OSError:                      # a regular file
+        return 512
+
+
+def _mbr_entries(sector):
+    """(slot, type, bootable, start, size) of the four entries of an MBR or EBR;
+    None when a boot flag is neither 0 nor 0x80 (not a partition table)."""
+    entries = []
+    for slot in range(4):
+        entry = sector[446 + 16 * slot:446 + 16 * (slot + 1)]
+        if entry[0] not in (0, 0x80):
+            return None
+        entries.append((slot, entry[4], entry[0] == 0x80, int.from_bytes(entry[8:12], "little"),
+                        int.from_bytes(entry[12:16], "little")))
+    return entries
+
+
+def _read_mbr(fd, sector, sector_size, total_sectors):
+    partitions = []
+    extended = None
+    for slot, type_, bootable, start, size in sector:
+        if type_ == 0:
+            continue
+        if start == 0 or start + size > total_sectors:
+            return None
+        partitions.append({"number": slot + 1, "start": start, "size": size, "type": f"{type_:X}",
+                           "bootable": bootable, "uuid": None, "name": None})
+        if type_ in MBR_EXTENDED_TYPES:
+            if extended is not None:
+                return None
+            extended = (start, size)
+    if extended is not None:
+        ebr_offset, number, seen = 0, 5, set()
+        while True:
+            if ebr_offset in seen or len(seen) > MAX_LOGICAL_PARTITIONS:
+                return None
+            seen.add(ebr_offset)
+            ebr = os.pread(fd, sector_size, (extended[0] + ebr_offset) * sector_size)
+            if ebr[510:512] != MBR_SIGNATURE:
+                return None
+            entries = _mbr_entries(ebr)
+            if entries is None:
+                return None
+            _, type_, bootable, start, size = entries[0]
+            if type_ == 0 or size == 0:
+                return None              # an empty link: leave the odd chain to sfdisk
+            absolute = extended[0] + ebr_offset + start
+            if absolute + size > extended[0] + extended[1]:
+                return None
+            partitions.append({"number": number, "start": absolute, "size": size,
+                               "type": f"{type_:X}", "bootable": bootable, "uuid": None,
+                               "name": None})
+            number += 1
+            _, link_type, _, link_start, _ = entries[1]
+            if link_type == 0:
+                break
+            if link_type not in MBR_EXTENDED_TYPES or link_start == 0:
+                return None
+            ebr_offset = link_start
+    return "dos", partitions
+
+
+def _read_gpt(fd, sector_size, total_sectors):
+    import zlib
+    header = os.pread(fd, sector_size, sector_size)
+    if header[:8] != GPT_SIGNATURE:
+        return None
+    header_size = int.from_bytes(header[12:16], "little")
+    if not 92 <= header_size <= sector_size:
+        return None
+    stored_crc = int.from_bytes(header[16:20], "little")
+    if zlib.crc32(header[:16] + b"\0\0\0\0" + header[20:header_size]) != stored_crc:
+        return None
+    entries_lba = int.from_bytes(header[72:80], "little")
+    count = int.from_bytes(header[80:84], "little")
+    entry_size = int.from_bytes(header[84:88], "little")
+    if entry_size < 128 or count > 4096 or entries_lba >= total_sectors:
+        return None
+    array = os.pread(fd, count * entry_size, entries_lba * sector_size)
+    if len(array) != count * entry_size or \
+            zlib.crc32(array) != int.from_bytes(header[88:92], "little"):
+        return None
+    partitions = []
+    for index in range(count):
+        entry = array[index * entry_size:(index + 1) * entry_size]
+        if entry[:16] == b"\0" * 16:
+            continue
+        first, last = int.from_bytes(entry[32:40], "little"), int.from_bytes(entry[40:48], "little")
+        if last < first or last >= total_sectors:
+            return None
+        partitions.append({"number": index + 1, "start": first, "size": last - first + 1,
+                           "type": _guid(entry[:16]), "bootable": False,
+                           "uuid": _guid(entry[16:32]),
+                           "name": entry[56:128].decode("utf-16-le", "replace").split("\0")[0] or None})
+    return "gpt", partitions
+
+
+def _read_partition_table_directly(disk):
+    """The MBR (with its logical partitions) or GPT of `disk` read in Python,
+    as sfdisk --json would give it; None for anything unusual (no MBR
+    signature, odd entries, a bad CRC, a broken EBR chain), left to sfdisk."""
+    fd = os.open(disk, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        sector_size = _sector_size(fd)
+        total_sectors = os.lseek(fd, 0, os.SEEK_END) // sector_size
+        first = os.pread(fd, 512, 0)
+        if len(first) < 512 or first[510:512] != MBR_SIGNATURE:
+            return None
+        entries = _mbr_entries(first)
+        if entries is None:
+            return None
+        if any(type_ == MBR_GPT_PROTECTIVE for _, type_, _, _, _ in entries):
+            found = _read_gpt(fd, sector_size, total_sectors)
+        else:
+            found = _read_mbr(fd, entries, sector_size, total_sectors)
+    finally:
+        os.close(fd)
+    if found is None:
+        return None
+    label, partitions = found
+    for partition in partitions:
+        partition["node"] = partition_device(disk, partition["number"])
+        partition["fstype"] = None
+    return label, sector_size, partitions
+
+
 def read_partition_table(disk, probe_filesystems=True):
     """Parsed `sfdisk --json DISK`, or None when the disk has no partition table.
 
     Returns {"label": "dos"|"gpt"|…, "device", "sector_size", "partitions":
     [{"number", "node", "start", "size", "type", "bootable", "uuid", "name",
     "fstype"}]} with partitions sorted by number; start and size in sectors,
-    type upper-cased (MBR: hex id such as "83"; GPT: type GUID)."""
+    type upper-cased (MBR: hex id such as "83"; GPT: type GUID).  An MBR
+    (with its logical partitions) or a GPT that reads cleanly is parsed here,
+    to the same result; sfdisk reads every other disk."""
+    try:
+        direct = _read_partition_table_directly(disk)
+    except OSError:
+        direct = None                    # sfdisk says why
+    if direct is None:
+        table = sfdisk_partition_table(disk)
+    else:
+        label, sector_size, partitions = direct
+        table = {"label": label, "device": disk, "sector_size": sector_size,
+                 "partitions": partitions}
+    if table is None:
+        return None
+    if probe_filesystems:
+        sector_size = table["sector_size"]
+        for partition in table["partitions"]:
+            if partition["size"] > 0:
+                partition["fstype"] = _probe_filesystem(
+                    disk, partition["start"] * sector_size, partition["size"] * sector_size)
+    table["partitions"].sort(key=lambda partition: partition["number"])
+    return table
+
+
+def sfdisk_partition_table(disk):
+    """read_partition_table's result as `sfdisk --json` gives it (no fstype)."""
     result = subprocess.run(["sfdisk", "--json", disk], stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             encoding="utf-8", errors="replace")
@@ -340,27 +513,19 @@ def read_partition_table(disk, probe_filesystems=True):
         table = json.loads(result.stdout)["partitiontable"]
     except (ValueError, KeyError, TypeError) as error:
         raise HelperError(f"Cannot parse the partition table of {disk}: {error}") from None
-    sector_size = int(table.get("sectorsize", 512))
-    partitions = []
-    for entry in table.get("partitions", []):
-        partition = {
-            "number": _partition_number(disk, entry["node"]),
-            "node": entry["node"],
-            "start": int(entry["start"]),
-            "size": int(entry["size"]),
-            "type": str(entry.get("type", "")).upper(),
-            "bootable": bool(entry.get("bootable", False)),
-            "uuid": entry.get("uuid"),
-            "name": entry.get("name"),
-            "fstype": None,
-        }
-        if probe_filesystems and partition["size"] > 0:
-            partition["fstype"] = _probe_filesystem(
-                disk, partition["start"] * sector_size, partition["size"] * sector_size)
-        partitions.append(partition)
-    partitions.sort(key=lambda partition: partition["number"])
+    partitions = [{
+        "number": _partition_number(disk, entry["node"]),
+        "node": entry["node"],
+        "start": int(entry["start"]),
+        "size": int(entry["size"]),
+        "type": str(entry.get("type", "")).upper(),
+        "bootable": bool(entry.get("bootable", False)),
+        "uuid": entry.get("uuid"),
+        "name": entry.get("name"),
+        "fstype": None,
+    } for entry in table.get("partitions", [])]
     return {"label": table.get("label"), "device": table.get("device", disk),
-            "sector_size": sector_size, "partitions": partitions}
+            "sector_size": int(table.get("sectorsize", 512)), "partitions": partitions}
 
 
 def _unescape_mount_field(field):
