@@ -22,7 +22,6 @@ import errno
 import fnmatch
 import os
 import re
-import secrets
 import stat
 import sys
 
@@ -95,6 +94,74 @@ def probe_device(device):
         if sep:
             values[key] = value
     return values
+
+
+# The file systems the disk tasks act on, told apart by their own
+# signatures in one read of the device instead of a blkid run (a tenth of a
+# second under TCG).  Anything else, and any device that also carries a
+# signature of something that may hold a file system (LUKS, LVM, md RAID,
+# swap) or more than one of these, is left to blkid.
+EXT_MAGIC_OFFSET = 1024 + 0x38
+EXT_COMPAT_HAS_JOURNAL = 0x4
+EXT_INCOMPAT_JOURNAL_DEV = 0x8
+EXT2_INCOMPAT = 0x2 | 0x10                  # filetype, meta_bg
+EXT3_INCOMPAT = EXT2_INCOMPAT | 0x4         # + recover
+EXT2_RO_COMPAT = 0x1 | 0x2 | 0x4            # sparse_super, large_file, btree_dir
+FS_SIGNATURES = (("xfs", 0, b"XFSB"), ("ntfs", 3, b"NTFS    "),
+                 ("btrfs", 0x10040, b"_BHRfS_M"), ("ext", EXT_MAGIC_OFFSET, b"\x53\xef"))
+OTHER_SIGNATURES = ((0, b"LUKS\xba\xbe"), (0, b"LABELONE"), (512, b"LABELONE"),
+                    (1024, b"LABELONE"), (1536, b"LABELONE"), (0, b"\xfc\x4e\x2b\xa9"),
+                    (4096, b"\xfc\x4e\x2b\xa9"), (4086, b"SWAPSPACE2"), (4086, b"SWAP-SPACE"))
+MD_MAGIC = b"\xfc\x4e\x2b\xa9"
+PROBE_BYTES = 0x10040 + 8
+
+
+def ext_type(superblock):
+    """ext2, ext3 or ext4 (blkid's rule), or None for an external journal,
+    from the 1024-byte ext superblock."""
+    compat, incompat, ro_compat = (int.from_bytes(superblock[offset:offset + 4], "little")
+                                   for offset in (0x5C, 0x60, 0x64))
+    if incompat & EXT_INCOMPAT_JOURNAL_DEV:
+        return None
+    if ro_compat & ~EXT2_RO_COMPAT:
+        return "ext4"
+    if compat & EXT_COMPAT_HAS_JOURNAL:
+        return "ext3" if not incompat & ~EXT3_INCOMPAT else "ext4"
+    return "ext2" if not incompat & ~EXT2_INCOMPAT else "ext4"
+
+
+def _quick_filesystem_type(device):
+    """The file system type by its signature, or None when blkid must tell."""
+    try:
+        fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        head = os.pread(fd, PROBE_BYTES, 0)
+        size = os.lseek(fd, 0, os.SEEK_END)
+        # md RAID 0.90 and 1.0 superblocks live at the end of the device
+        tails = [os.pread(fd, 4, offset) for offset in
+                 ((size & ~0xFFFF) - 0x10000, ((size >> 9) - 16 & ~7) * 512) if offset > 0]
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    if any(head[offset:offset + len(magic)] == magic for offset, magic in OTHER_SIGNATURES) \
+            or MD_MAGIC in tails:
+        return None
+    found = [name for name, offset, magic in FS_SIGNATURES
+             if head[offset:offset + len(magic)] == magic]
+    if len(found) != 1:
+        return None
+    if found[0] == "ext":
+        return ext_type(head[1024:2048])
+    return found[0]
+
+
+def filesystem_type(device):
+    """The type of the file system on `device` (ext2/3/4, xfs, btrfs, ntfs
+    read directly; anything else as blkid -p tells it), or ""."""
+    return _quick_filesystem_type(device) or probe_device(device).get("TYPE", "")
 
 
 def require_block_device(path, what):
@@ -345,7 +412,7 @@ class ImageRoot:
             mode = mode if mode is not None else (stat.S_IMODE(keep.st_mode) if keep else 0o644)
             uid = uid if uid is not None else (keep.st_uid if keep else 0)
             gid = gid if gid is not None else (keep.st_gid if keep else 0)
-            temporary = f".{name[:200]}.snf-image-{secrets.token_hex(6)}"
+            temporary = f".{name[:200]}.snf-image-{os.urandom(6).hex()}"
             file_fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
                               | os.O_CLOEXEC, 0o600, dir_fd=fd)
             try:

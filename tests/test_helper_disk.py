@@ -1,5 +1,6 @@
 """The helper's disk inspection on real small disk images made with sfdisk
-and mkfs: partition tables as the helper reads them (sfdisk --json + blkid),
+and mkfs: partition tables as the helper reads them (in Python, checked against
+sfdisk --json; blkid for file systems),
 the partition to grow (MBR primary/extended/logical, GPT), and OS / root
 partition auto-detection, which mounts candidate partitions read-only (root:
 each partition is attached as a read-only loop device with --offset)."""
@@ -205,3 +206,49 @@ def test_detect_bsd_slice_without_mounting(tmp_path, rooted, monkeypatch):
     root = make_filesystem(tmp_path, "ext4", 8, {"etc/fstab": ""})
     disk = make_disk(tmp_path, "dos", [(1, 1, 8, "a6", None), (2, None, 8, "83", root)])
     assert detect(tmp_path, disk, monkeypatch) == ("openbsd", 1)
+
+
+@pytest.mark.parametrize("layout", [
+    "label: dos\nlabel-id: 0x12345678\n2048,40M,83,*\n,8M,c\n",
+    "label: dos\n2048,16M,83\n,,5\n,8M,82\n,8M,83\n,,7\n",                # logicals, chained EBRs
+    "label: dos\n,,f\n,8M,83\n",                                           # LBA extended first
+    "label: gpt\nsize=16M, type=U, name=\"EFI system\"\nsize=8M, type=L, name=root\n,8M,S\n",
+    "label: gpt\nfirst-lba: 2048\n\n\n,8M,L\n",                            # GPT numbering with holes
+])
+def test_partition_tables_read_in_python_as_sfdisk_reads_them(tmp_path, layout):
+    require_programs("sfdisk")
+    disk = tmp_path / "disk.img"
+    subprocess.run(["truncate", "-s", "64M", str(disk)], check=True)
+    if "\n\n\n" in layout:
+        head, _, line = layout.partition("\n\n\n")
+        subprocess.run(["sfdisk", "-q", str(disk)], input=head + "\n", text=True, check=True)
+        subprocess.run(["sfdisk", "-q", "-N", "3", str(disk)], input=line, text=True, check=True)
+    else:
+        subprocess.run(["sfdisk", "-q", str(disk)], input=layout, text=True, check=True)
+    subprocess.run(["truncate", "-s", "96M", str(disk)], check=True)    # a grown disk
+    assert helper._read_partition_table_directly(str(disk)) is not None
+    expected = helper.sfdisk_partition_table(str(disk))
+    expected["partitions"].sort(key=lambda partition: partition["number"])
+    assert helper.read_partition_table(str(disk), probe_filesystems=False) == expected
+
+
+@pytest.mark.parametrize("damage", ["gpt header crc", "ebr loop", "boot flag"])
+def test_unusual_partition_tables_are_left_to_sfdisk(tmp_path, damage):
+    require_programs("sfdisk")
+    disk = tmp_path / "disk.img"
+    subprocess.run(["truncate", "-s", "64M", str(disk)], check=True)
+    layout = "label: gpt\n,8M,L\n" if damage.startswith("gpt") else "label: dos\n2048,8M,83\n,,5\n,8M,83\n"
+    subprocess.run(["sfdisk", "-q", str(disk)], input=layout, text=True, check=True)
+    with open(disk, "r+b") as handle:
+        if damage == "gpt header crc":
+            handle.seek(512 + 16)
+            handle.write(b"\0\0\0\0")
+        elif damage == "ebr loop":          # the first EBR links to itself
+            table = helper.sfdisk_partition_table(str(disk))
+            extended = next(p for p in table["partitions"] if p["number"] == 2)
+            handle.seek(extended["start"] * 512 + 446 + 16)
+            handle.write(bytes([0, 0, 0, 0, 5, 0, 0, 0]) + (0).to_bytes(4, "little") + (2048).to_bytes(4, "little"))
+        else:
+            handle.seek(446)
+            handle.write(b"\x12")
+    assert helper._read_partition_table_directly(str(disk)) is None

@@ -432,3 +432,81 @@ def test_python_task_background_child_does_not_hang(setup):
                 "open(os.environ['LOG'], 'a').write('started\\n')")
     setup.run()
     assert setup.log_lines() == ["started"]
+
+
+# -- tasks with nothing to do, precompiled task code ----------------------------
+
+def test_task_with_nothing_to_do_is_not_started(setup):
+    python_task(setup, "10Windows", REPORT, attributes="overwritable osfamily=windows,windows-legacy")
+    python_task(setup, "20Linux", REPORT, attributes="osfamily=linux")
+    python_task(setup, "30CloudInit", REPORT, attributes="cloudinit_only")
+    setup.run({"OSFAMILY": "linux"})
+    assert [report["env"]["TASKNAME"] for report in reports(setup)] == ["20Linux"]
+    assert setup.progress_lines() == ["TASK_START:Windows", "TASK_END:Windows",
+                                      "TASK_START:Linux", "TASK_END:Linux",
+                                      "TASK_START:CloudInit", "TASK_END:CloudInit"]
+    console = setup.console.getvalue()
+    assert "[10Windows] nothing to do for OSFAMILY linux" in console
+    assert "[30CloudInit] nothing to do: cloud-init is not enabled" in console
+    setup.log.write_text("")
+    setup.run({"OSFAMILY": "windows-legacy", "CLOUD_INIT": "yes"})
+    assert [report["env"]["TASKNAME"] for report in reports(setup)] == ["10Windows", "30CloudInit"]
+
+
+def test_overwrite_script_of_a_task_with_nothing_to_do_still_runs(setup):
+    python_task(setup, "50Thing", REPORT, attributes="overwritable osfamily=windows")
+    setup.overwrite("overwrite_task_thing", 'echo "script $1" >> "$LOG"; [ "$1" = post-exec ] || exit 101')
+    setup.run({"OSFAMILY": "linux", "ALLOW_MOUNTED_TASK_OVERWRITING": "yes"})
+    assert setup.log_lines() == ["script pre-exec", "script post-exec"]
+
+
+def test_family_attribute_words(tmp_path):
+    path = tmp_path / "10Task"
+    path.write_text("#!/bin/sh\n# snf-image-task: osfamily=linux,freebsd osfamily=plan9 osfamily=\n")
+    attributes, unknown = helper.read_task_attributes(str(path))
+    assert attributes == {"osfamily=linux,freebsd"} and unknown == ["osfamily=plan9", "osfamily="]
+    assert helper.Task(str(path), attributes).families == {"linux", "freebsd"}
+    assert helper.Task(str(path), set()).families is None
+
+
+def pyc_with(code_source, hashed_source):
+    """A hash-based pyc holding the code of `code_source`, recording the hash of `hashed_source`."""
+    import importlib.util
+    import marshal
+    return (importlib.util.MAGIC_NUMBER + (3).to_bytes(4, "little")
+            + importlib.util.source_hash(hashed_source)
+            + marshal.dumps(compile(code_source, "task", "exec")))
+
+
+def test_precompiled_task_code_is_used_only_for_its_own_source(setup):
+    import importlib.util
+    path = python_task(setup, "50Task", "open(os.environ['LOG'], 'a').write('from source\\n')")
+    cached = importlib.util.cache_from_source(str(path))
+    os.makedirs(os.path.dirname(cached))
+    other = b"import os\nopen(os.environ['LOG'], 'a').write('from the cache\\n')\n"
+    with open(cached, "wb") as handle:
+        handle.write(pyc_with(other, path.read_bytes()))
+    setup.run()
+    with open(cached, "wb") as handle:
+        handle.write(pyc_with(other, path.read_bytes() + b"\n# changed\n"))
+    setup.run()
+    with open(cached, "wb") as handle:
+        handle.write(b"garbage")
+    setup.run()
+    assert setup.log_lines() == ["from the cache", "from source", "from source"]
+
+
+def test_builder_precompiles_the_python_tasks(setup):
+    import importlib.util
+    import subprocess
+    builder = load_script("snf-image-update-helper.py")
+    task = python_task(setup, "50Task", "print('x')")
+    setup.task("60Shell")
+    (setup.tasks / "module.py").write_text("x = 1\n")
+    subprocess.run([sys.executable, "-c", builder.PRECOMPILE_TASKS_SOURCE, str(setup.tasks)],
+                   check=True)
+    cached = importlib.util.cache_from_source(str(task))
+    assert sorted(os.listdir(os.path.dirname(cached))) == [os.path.basename(cached)]
+    code = helper.load_task_code(str(task))
+    with open(cached, "rb") as handle:
+        assert code.co_consts == __import__("marshal").loads(handle.read()[16:]).co_consts

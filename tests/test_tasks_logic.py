@@ -689,11 +689,24 @@ def test_hosts_127_0_1_1_line():
     assert HOSTNAME.set_variable(None, ["hostname"], 'hostname="x"') == 'hostname="x"\n'
 
 
-def test_tune2fs_and_btrfs_parsing():
-    state, features = RESIZE.tune2fs_info(
-        "Filesystem state:         not clean with errors\n"
-        "Filesystem features:      has_journal ext_attr needs_recovery extent\n")
-    assert state == "not clean with errors" and "needs_recovery" in features
+def ext_superblock(state=1, compat=0, incompat=0, ro_compat=0):
+    block = bytearray(1024)
+    block[0x38:0x3A] = b"\x53\xef"
+    block[0x3A:0x3C] = state.to_bytes(2, "little")
+    for offset, value in ((0x5C, compat), (0x60, incompat), (0x64, ro_compat)):
+        block[offset:offset + 4] = value.to_bytes(4, "little")
+    return bytes(block)
+
+
+def test_ext_superblock_state_type_and_btrfs_parsing():
+    assert RESIZE.ext_state(ext_superblock(state=2, incompat=0x4)) == ("not clean with errors", True)
+    assert RESIZE.ext_state(ext_superblock(state=0)) == ("not clean", False)
+    assert RESIZE.ext_state(ext_superblock(state=1, incompat=0x2c2)) == ("clean", False)
+    assert LIB.ext_type(ext_superblock(incompat=0x2)) == "ext2"
+    assert LIB.ext_type(ext_superblock(compat=0x4, incompat=0x6, ro_compat=0x3)) == "ext3"
+    assert LIB.ext_type(ext_superblock(compat=0x4, incompat=0x2c2, ro_compat=0x46b)) == "ext4"
+    assert LIB.ext_type(ext_superblock(incompat=0x40)) == "ext4"        # extents, no journal
+    assert LIB.ext_type(ext_superblock(incompat=0x8)) is None           # an external journal
     shown = ("Label: none  uuid: 1\n\tTotal devices 1 FS bytes used 1MiB\n"
              "\tdevid    3 size 1.00GiB used 1MiB path /dev/null\n")
     assert RESIZE_MOUNTED.btrfs_devid(shown, "/dev/null") == "3"
