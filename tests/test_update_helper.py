@@ -197,7 +197,8 @@ def test_initrd_contents(tmp_path):
     initrd = tmp_path / "initrd"
     busybox = b"\x7fELF fake busybox"
     builder.write_initrd(initrd, busybox, [("jbd2.ko", b"JBD2"), ("ext4.ko", b"EXT4")])
-    raw = gzip.decompress(initrd.read_bytes())
+    raw = initrd.read_bytes()
+    assert raw.startswith(b"070701")        # uncompressed: the guest does not inflate it
     names = [line.split()[-1] if " -> " not in line else line.split()[-3]
              for line in cpio_listing(raw, tmp_path)]
     for expected in ("init", "bin/busybox", "bin/sh", "bin/switch_root", "dev/console",
