@@ -15,7 +15,8 @@ than one task needs:
   program names (each overridable from the environment, e.g. SFDISK=/sbin/sfdisk).
 * what the image's systemd will do at the next boot: whether it is a first
   boot (machine-id(5)), which units are pulled in, and whether a unit's
-  conditions hold (see FirstBoot and unit_will_run).
+  conditions hold (SystemdUnits: one listing of each unit directory and one
+  read of each unit file per analysis).
 """
 
 import errno
@@ -183,6 +184,27 @@ DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 def path_components(path):
     return [part for part in str(path).split("/") if part not in ("", ".")]
+
+
+def read_entry(dir_fd, name):
+    """(contents, stat) of the entry `name` of an open directory, never
+    following a link: contents only of a regular file, (None, None) when it
+    cannot be opened."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK,
+                     dir_fd=dir_fd)
+    except OSError:
+        return None, None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            return None, info
+        chunks = []
+        while chunk := os.read(fd, max(info.st_size + 1, 65536)):
+            chunks.append(chunk)
+        return b"".join(chunks), info
+    finally:
+        os.close(fd)
 
 
 class ImageRoot:
@@ -375,16 +397,9 @@ class ImageRoot:
         except TaskError:
             return None
         try:
-            file_fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK,
-                              dir_fd=fd)
-        except OSError:
-            return None
+            return read_entry(fd, name)[0]
         finally:
             os.close(fd)
-        with os.fdopen(file_fd, "rb") as handle:
-            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
-                return None
-            return handle.read()
 
     def read_text(self, path):
         data = self.read_bytes(path)
@@ -678,31 +693,6 @@ def split_unit_name(name):
     return name, None, ""
 
 
-def unit_file(root, name):
-    """Guest path of the file defining unit `name` (an instance falls back
-    to its template), or None."""
-    prefix, instance, suffix = split_unit_name(name)
-    candidates = [name] if instance is None else [name, prefix + suffix]
-    for candidate in candidates:
-        for directory in UNIT_DIRS:
-            path = f"{directory}/{candidate}"
-            if root.exists(path) or root.is_link(path):
-                return path
-    return None
-
-
-def unit_masked(root, name):
-    """Masked: a unit name linked to /dev/null (or an empty file) in a unit directory."""
-    path = unit_file(root, name)
-    if path is None:
-        return False
-    target = root.readlink(path)
-    if target is not None and target.rstrip("/") == "/dev/null":
-        return True
-    info = root.stat(path)
-    return info is not None and info.st_size == 0 and root.is_file(path)
-
-
 def parse_unit(text, settings=None):
     """{section.key: [values]} of a unit file, merged into `settings`; an
     empty assignment resets the list, as systemd does."""
@@ -710,14 +700,19 @@ def parse_unit(text, settings=None):
     section = ""
     pending = ""
     for raw in (text or "").splitlines():
-        line = pending + raw.strip()
-        pending = ""
-        if line.endswith("\\"):
+        line = raw.strip()
+        if pending:
+            line = pending + line
+            pending = ""
+        if not line:
+            continue
+        first, last = line[0], line[-1]
+        if last == "\\":
             pending = line[:-1] + " "
             continue
-        if not line or line.startswith(("#", ";")):
+        if first == "#" or first == ";":
             continue
-        if line.startswith("[") and line.endswith("]"):
+        if first == "[" and last == "]":
             section = line[1:-1]
             continue
         key, sep, value = line.partition("=")
@@ -728,24 +723,6 @@ def parse_unit(text, settings=None):
             settings.setdefault(key, []).append(value)
         else:
             settings[key] = []
-    return settings
-
-
-def unit_settings(root, name):
-    """The unit's settings with its drop-ins applied, or None when it does not exist."""
-    path = unit_file(root, name)
-    if path is None:
-        return None
-    settings = parse_unit(root.read_text(path))
-    prefix, instance, suffix = split_unit_name(name)
-    names = [name] if instance is None else [prefix + suffix, name]
-    dropins = {}
-    for directory in reversed(UNIT_DIRS):
-        for unit_name in names:
-            for conf in root.glob(f"{directory}/{unit_name}.d", "*.conf"):
-                dropins[conf.rsplit("/", 1)[1]] = conf
-    for conf_name in sorted(dropins):
-        parse_unit(root.read_text(dropins[conf_name]), settings)
     return settings
 
 
@@ -771,32 +748,244 @@ def expand_specifiers(value, name):
     return "".join(out)
 
 
-def pulled_units(root, settings_out=None):
-    """Units the next boot pulls in: those linked in a *.wants/*.requires
-    directory, and what they Want/Require in turn (an approximation of the
-    boot transaction that errs on the side of including a unit).  A dict
-    given as settings_out receives each unit's unit_settings (read once)."""
-    todo = []
-    for directory in UNIT_DIRS:
-        for pattern in ("*.wants", "*.requires"):
-            for wants in root.glob(directory, pattern):
-                todo.extend(root.listdir(wants))
-    seen = set()
-    while todo:
-        name = todo.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        settings = unit_settings(root, name) or {}
+class UnitDirectory:
+    """One listed directory of the image (units, drop-ins or a .wants): its
+    descriptor, its real path (names with every link resolved) and its
+    entries {name: "link", "dir" or "other"}."""
+
+    def __init__(self, fd=None, real=(), entries=None):
+        self.fd = fd
+        self.real = real
+        self.entries = entries or {}
+
+
+NO_DIRECTORY = UnitDirectory()
+
+
+class SystemdUnits:
+    """What the image's systemd will do at its next boot, as one analysis:
+    each unit directory (and each .wants, .requires and .d directory asked
+    for) is listed once, each unit file and drop-in read once and each
+    unit's settings worked out once.  It sees the image as it was then:
+    after changing units, make a new analysis.
+
+    Directories are opened through ImageRoot (links resolved inside the
+    image); an entry that is no link is opened from its directory's
+    descriptor without following anything, a link is resolved through
+    ImageRoot again, so no link leads out of the image.  Units a directory
+    of higher precedence defines hide those of lower ones (UNIT_DIRS)."""
+
+    def __init__(self, root):
+        self.root = root
+        self._directories = {}        # real path -> UnitDirectory
+        self._files = {}              # guest path -> (text, masked)
+        self._settings = {}
+        self._pulled = None
+        self._first_boot = None
+        try:
+            self._unit_dirs = [(path, self._directory(path)) for path in UNIT_DIRS]
+        except BaseException:
+            self.close()
+            raise
+        self._where = {}              # file name -> (guest directory, UnitDirectory)
+        for path, directory in self._unit_dirs:
+            for name in directory.entries:
+                self._where.setdefault(name, (path, directory))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
+        for directory in self._directories.values():
+            os.close(directory.fd)
+        self._directories = {}
+
+    def _directory(self, path, parent=None):
+        """The listing of directory `path`; `parent`, the listing that holds
+        it, lets a plain directory be opened from there without a walk."""
+        name = path.rsplit("/", 1)[1]
+        kind = parent.entries.get(name) if parent is not None else "link"   # else: walk
+        if kind is None or kind == "other":
+            return NO_DIRECTORY
+        fd = None
+        if kind == "dir":
+            try:
+                fd = os.open(name, DIR_FLAGS, dir_fd=parent.fd)
+                real = parent.real + (name,)
+            except OSError:
+                fd = None             # changed since it was listed: walk to it
+        if fd is None:
+            try:
+                fd, names = self.root._walk(path_components(path), path)
+            except TaskError:
+                return NO_DIRECTORY
+            real = tuple(names)
+        known = self._directories.get(real)
+        if known is not None:         # /lib is /usr/lib on a merged /usr
+            os.close(fd)
+            return known
+        directory = UnitDirectory(fd, real)
+        self._directories[real] = directory
+        with os.scandir(fd) as entries:
+            for entry in entries:
+                directory.entries[entry.name] = (
+                    "link" if entry.is_symlink() else
+                    "dir" if entry.is_dir(follow_symlinks=False) else "other")
+        return directory
+
+    def _read(self, path, directory, name):
+        """(text or None, masked) of the file `name` of a listed directory;
+        masked: a link to /dev/null or an empty regular file."""
+        if path in self._files:
+            return self._files[path]
+        if directory.entries[name] == "link":
+            try:
+                target = os.readlink(name, dir_fd=directory.fd)
+            except OSError:
+                target = None
+            text = self.root.read_text(path)
+            if target is not None and target.rstrip("/") == "/dev/null":
+                masked = True
+            elif text is not None:
+                masked = not text
+            else:
+                info = self.root.stat(path)
+                masked = info is not None and stat.S_ISREG(info.st_mode) and not info.st_size
+        else:
+            data, info = read_entry(directory.fd, name)
+            if info is None:
+                try:
+                    info = os.stat(name, dir_fd=directory.fd, follow_symlinks=False)
+                except OSError:
+                    pass
+            text = None if data is None else data.decode("utf-8", "surrogateescape")
+            masked = info is not None and stat.S_ISREG(info.st_mode) and not info.st_size
+        self._files[path] = text, masked
+        return text, masked
+
+    def _find(self, name):
+        """(guest path, directory, file name) of the file defining unit
+        `name` (an instance falls back to its template), or None."""
+        prefix, instance, suffix = split_unit_name(name)
+        for candidate in [name] if instance is None else [name, prefix + suffix]:
+            found = self._where.get(candidate)
+            if found is not None:
+                return f"{found[0]}/{candidate}", found[1], candidate
+        return None
+
+    def unit_file(self, name):
+        """Guest path of the file defining unit `name`, or None."""
+        found = self._find(name)
+        return None if found is None else found[0]
+
+    def masked(self, name):
+        """Masked: the unit's file is a link to /dev/null or an empty file."""
+        found = self._find(name)
+        return found is not None and self._read(*found)[1]
+
+    def settings(self, name):
+        """The unit's settings with its drop-ins applied (shared: do not
+        change them), or None when it does not exist."""
+        if name not in self._settings:
+            self._settings[name] = self._read_settings(name)
+        return self._settings[name]
+
+    def _read_settings(self, name):
+        found = self._find(name)
+        if found is None:
+            return None
+        settings = parse_unit(self._read(*found)[0])
+        prefix, instance, suffix = split_unit_name(name)
+        dropin_dirs = [name + ".d"] if instance is None else [prefix + suffix + ".d", name + ".d"]
+        dropins = {}                  # a later directory's file of the same name wins
+        for path, directory in reversed(self._unit_dirs):
+            for dropin_dir in dropin_dirs:
+                if dropin_dir not in directory.entries:
+                    continue
+                listing = self._directory(f"{path}/{dropin_dir}", directory)
+                for conf in listing.entries:
+                    if fnmatch.fnmatchcase(conf, "*.conf"):
+                        dropins[conf] = (f"{path}/{dropin_dir}/{conf}", listing, conf)
+        for conf in sorted(dropins):
+            parse_unit(self._read(*dropins[conf])[0], settings)
+        return settings
+
+    def first_boot(self):
+        if self._first_boot is None:
+            self._first_boot = is_first_boot(self.root)
+        return self._first_boot
+
+    def pulled(self, settings_out=None):
+        """Units the next boot pulls in: those linked in a *.wants/*.requires
+        directory, and what they Want/Require in turn (an approximation of
+        the boot transaction that errs on the side of including a unit).  A
+        dict given as settings_out receives each one's settings."""
+        if self._pulled is None:
+            todo = []
+            for path, directory in self._unit_dirs:
+                for name in directory.entries:
+                    if name.endswith((".wants", ".requires")):
+                        todo.extend(self._directory(f"{path}/{name}", directory).entries)
+            seen = set()
+            while todo:
+                name = todo.pop()
+                if name in seen:
+                    continue
+                seen.add(name)
+                settings = self.settings(name) or {}
+                for key in PULLING_KEYS:
+                    for value in settings.get(f"Unit.{key}", []):
+                        for other in value.split():
+                            other = expand_specifiers(other, name)
+                            if other:
+                                todo.append(other)
+            self._pulled = seen
         if settings_out is not None:
-            settings_out[name] = settings
-        for key in PULLING_KEYS:
-            for value in settings.get(f"Unit.{key}", []):
-                for other in value.split():
-                    other = expand_specifiers(other, name)
-                    if other:
-                        todo.append(other)
-    return seen
+            for name in self._pulled:
+                settings_out[name] = self.settings(name) or {}
+        return self._pulled
+
+    def will_run(self, name, first_boot=None, pulled=None):
+        """Whether unit `name` runs at the image's next boot: True, False, or
+        None when its conditions cannot be decided offline."""
+        if first_boot is None:
+            first_boot = self.first_boot()
+        settings = self.settings(name)
+        if settings is None or self.masked(name):
+            return False
+        if name not in (self.pulled() if pulled is None else pulled):
+            return False
+        return unit_conditions_hold(self.root, name, settings, first_boot)
+
+
+# A single question about the image's units, answered by an analysis of its
+# own (a task asking several questions makes one SystemdUnits for all).
+
+def unit_file(root, name):
+    """SystemdUnits.unit_file"""
+    with SystemdUnits(root) as units:
+        return units.unit_file(name)
+
+
+def unit_masked(root, name):
+    """SystemdUnits.masked"""
+    with SystemdUnits(root) as units:
+        return units.masked(name)
+
+
+def unit_settings(root, name):
+    """SystemdUnits.settings"""
+    with SystemdUnits(root) as units:
+        return units.settings(name)
+
+
+def pulled_units(root, settings_out=None):
+    """SystemdUnits.pulled"""
+    with SystemdUnits(root) as units:
+        return units.pulled(settings_out)
 
 
 def condition_value(root, key, argument, first_boot):
@@ -872,16 +1061,9 @@ def unit_conditions_hold(root, name, settings, first_boot):
 
 
 def unit_will_run(root, name, first_boot=None, pulled=None):
-    """Whether unit `name` runs at the image's next boot: True, False, or None
-    when its conditions cannot be decided offline."""
-    if first_boot is None:
-        first_boot = is_first_boot(root)
-    settings = unit_settings(root, name)
-    if settings is None or unit_masked(root, name):
-        return False
-    if name not in (pulled_units(root) if pulled is None else pulled):
-        return False
-    return unit_conditions_hold(root, name, settings, first_boot)
+    """SystemdUnits.will_run"""
+    with SystemdUnits(root) as units:
+        return units.will_run(name, first_boot, pulled)
 
 
 # --------------------------------------------------------------------------

@@ -151,6 +151,152 @@ def test_redhat_template_through_its_target(tmp_path):
 
 
 # --------------------------------------------------------------------------
+# One analysis of the image's units (SystemdUnits)
+# --------------------------------------------------------------------------
+
+def merged_usr(base, **extra):
+    """A merged-/usr image (/lib is usr/lib) whose units name each other
+    through aliases, masks, drop-ins and a template."""
+    files = {"/lib": ("link", "usr/lib"), "/etc/machine-id": "1" * 32 + "\n", **SYSTEMD_257,
+             f"{UNITS}/ssh.service": "[Unit]\nWants=keys@rsa.service keys@ed25519.service\n"
+                                     "[Service]\nExecStart=/usr/sbin/sshd -D\n",
+             f"{UNITS}/keys@.service": "[Unit]\nConditionPathExists=!/etc/ssh/%i\n"
+                                       "[Service]\nExecStart=ssh-keygen -t %i\n",
+             f"{UNITS}/keys@.service.d/10-base.conf": "[Service]\nNice=1\n",
+             f"{UNITS}/keys@rsa.service.d/10-base.conf": "[Service]\nNice=2\n",
+             f"{UNITS}/keys@rsa.service.d/20-more.conf": "[Service]\nNice=3\n",
+             "/etc/systemd/system/keys@.service.d/15-site.conf": "[Service]\nIOWeight=5\n",
+             "/etc/systemd/system/keys@.service.d/10-base.conf": "[Service]\nNice=4\n",
+             "/etc/systemd/system/sshd.service": ("link", "/lib/systemd/system/ssh.service"),
+             f"{WANTS}/sshd.service": ("link", "/etc/systemd/system/sshd.service"),
+             f"{UNITS}/getty.target": "[Unit]\nWants=gone.service\n",
+             f"{UNITS}/gone.service": "[Service]\nExecStart=/bin/true\n",
+             "/etc/systemd/system/gone.service": ("link", "/dev/null"),
+             "/etc/systemd/system/getty.target.wants/empty.service": ("link", "../empty.service"),
+             "/etc/systemd/system/empty.service": "",
+             f"{WANTS}/getty.target": ("link", f"{UNITS}/getty.target")}
+    files.update(extra)
+    return image_tree(base, files)
+
+
+def test_one_analysis_answers_like_a_question_at_a_time(tmp_path):
+    image = merged_usr(tmp_path)
+    names = ["ssh.service", "sshd.service", "keys@rsa.service", "keys@ed25519.service",
+             "keys@.service", "gone.service", "empty.service", "getty.target", "absent.service"]
+    with LIB.ImageRoot(image) as root, LIB.SystemdUnits(root) as units:
+        settings = {}
+        assert units.pulled(settings) == LIB.pulled_units(root) == {
+            "sshd.service", "keys@rsa.service", "keys@ed25519.service", "getty.target",
+            "gone.service", "empty.service"}
+        assert settings["sshd.service"]["Service.ExecStart"] == ["/usr/sbin/sshd -D"]
+        for name in names:
+            assert units.unit_file(name) == LIB.unit_file(root, name)
+            assert units.masked(name) == LIB.unit_masked(root, name)
+            assert units.settings(name) == LIB.unit_settings(root, name)
+            assert units.will_run(name) == LIB.unit_will_run(root, name)
+        # an alias is read through its link, inside the image
+        assert units.unit_file("sshd.service") == "/etc/systemd/system/sshd.service"
+        assert units.settings("sshd.service")["Unit.Wants"] == \
+            ["keys@rsa.service keys@ed25519.service"]
+        # masks: a link to /dev/null hides the vendor unit; an empty file
+        assert units.masked("gone.service") and units.masked("empty.service")
+        assert not units.masked("ssh.service") and not units.masked("absent.service")
+        assert units.will_run("gone.service") is False
+        # an instance: its template's file, the template's and its own drop-ins
+        # in name order, /etc's drop-in of a name replacing /usr/lib's
+        assert units.unit_file("keys@rsa.service") == f"{UNITS}/keys@.service"
+        assert units.settings("keys@rsa.service")["Service.Nice"] == ["4", "3"]
+        assert units.settings("keys@ed25519.service")["Service.Nice"] == ["4"]
+        assert units.settings("keys@ed25519.service")["Service.IOWeight"] == ["5"]
+        assert units.settings("absent.service") is None
+        assert units.will_run("keys@rsa.service") is True
+        (tmp_path / "etc/ssh").mkdir()
+        (tmp_path / "etc/ssh/rsa").write_text("key")
+        assert units.will_run("keys@rsa.service") is False      # conditions are not cached
+
+
+def test_each_directory_listed_and_each_file_read_once(tmp_path, monkeypatch):
+    image = merged_usr(tmp_path)
+    opened, listed = [], []
+    real_open, real_scandir = os.open, os.scandir
+
+    def counting_open(path, *args, **kwargs):
+        opened.append(os.path.basename(path))
+        return real_open(path, *args, **kwargs)
+
+    def counting_scandir(fd):
+        listed.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real_scandir(fd)
+
+    with LIB.ImageRoot(image) as root:
+        monkeypatch.setattr(os, "open", counting_open)
+        monkeypatch.setattr(os, "scandir", counting_scandir)
+        with LIB.SystemdUnits(root) as units:
+            pulled = units.pulled({})
+            for name in sorted(pulled) * 2:
+                units.will_run(name)
+                units.settings(name)
+        monkeypatch.undo()
+    assert len(listed) == len(set(listed)), "a directory listed twice (/lib is /usr/lib)"
+    assert str(image / "usr/lib/systemd/system") in listed
+    reads = [name for name in opened if name.endswith((".service", ".target", ".conf"))]
+    assert len(reads) == len(set(reads)) and "keys@.service" in reads and "20-more.conf" in reads
+
+
+def test_units_never_read_outside_the_image(tmp_path):
+    outside = tmp_path / "outside"
+    image_tree(outside, {"/evil.service": "[Unit]\nWants=evil-too.service\n",
+                         "/evil-too.service": "[Service]\nExecStart=ssh-keygen -A\n",
+                         "/units/multi-user.target.wants/evil.service":
+                             ("link", "../../evil.service"),
+                         "/units/evil.service": "[Service]\nExecStart=ssh-keygen -A\n"})
+    image = image_tree(tmp_path / "image", {
+        "/etc/machine-id": "", **SYSTEMD_257,
+        # unit directories that lead out of the image are not listed
+        "/etc/systemd/system": ("link", "../../../outside/units"),
+        "/usr/local/lib/systemd/system": ("link", str(outside / "units")),
+        # a unit or a drop-in linked outside is not read; a .wants linked outside not listed
+        f"{UNITS}/evil.service": ("link", "../../../../../outside/evil.service"),
+        f"{UNITS}/ok.service.d/evil.conf": ("link", "../../../../../../outside/evil.service"),
+        f"{UNITS}/ok.service": "[Service]\nExecStart=/bin/true\n",
+        f"{UNITS}/ok.target.wants":
+            ("link", "../../../../../outside/units/multi-user.target.wants"),
+        f"{UNITS}/sockets.target.wants/evil.service": ("link", "../evil.service")})
+    with LIB.ImageRoot(image) as root, LIB.SystemdUnits(root) as units:
+        settings = {}
+        assert units.pulled(settings) == {"evil.service"}
+        assert settings == {"evil.service": {}}
+        assert units.unit_file("evil.service") == f"{UNITS}/evil.service"
+        assert units.settings("ok.service") == {"Service.ExecStart": ["/bin/true"]}
+
+
+def test_unit_directories_through_links_inside_the_image(tmp_path):
+    """An /etc/systemd/system that is a link (absolute: the image's root), a
+    .wants and a drop-in directory that are links, a directory named like a unit."""
+    image = image_tree(tmp_path, {
+        "/etc/machine-id": "uninitialized\n", **SYSTEMD_257,
+        "/etc/systemd/system": ("link", "/srv/units"),
+        "/srv/units/multi-user.target.wants": ("link", "/srv/wanted"),
+        "/srv/wanted/keygen.service": ("link", "/srv/units/keygen.service"),
+        "/srv/units/keygen.service": DEBIAN13_KEYGEN,
+        "/srv/units/keygen.service.d": ("link", "../dropins"),
+        "/srv/dropins/x.conf": "[Unit]\nConditionPathIsReadWrite=\n",
+        "/srv/dropins/y.conf": ("link", "/srv/y.conf"),
+        "/srv/y.conf": "[Service]\nExecStart=\nExecStart=ssh-keygen -A -v\n",
+        f"{UNITS}/odd.service": None})
+    with LIB.ImageRoot(image) as root, LIB.SystemdUnits(root) as units:
+        assert units.pulled() == {"keygen.service"}
+        assert units.unit_file("keygen.service") == "/etc/systemd/system/keygen.service"
+        settings = units.settings("keygen.service")
+        assert settings["Service.ExecStart"] == ["ssh-keygen -A -v"]
+        assert "Unit.ConditionPathIsReadWrite" in settings and \
+            not settings["Unit.ConditionPathIsReadWrite"]
+        assert units.will_run("keygen.service") is True
+        assert units.settings("odd.service") == {} and not units.masked("odd.service")
+        assert root.read_bytes(UNITS + "/odd.service") is None
+
+
+# --------------------------------------------------------------------------
 # The task scripts
 # --------------------------------------------------------------------------
 
