@@ -1119,8 +1119,10 @@ def prepared_root_stage(settings):
 
 # init= of the helper: imports the helper program as a module, so that its
 # precompiled .pyc is used (a script run directly is compiled at every boot:
-# about half a second under TCG).
-HELPER_INIT_SOURCE = f"""#!/usr/bin/python3
+# about half a second under TCG). -S: the helper and its tasks use the
+# standard library only, so the site module's path set-up (about 0.15 s under
+# TCG) is skipped.
+HELPER_INIT_SOURCE = f"""#!/usr/bin/python3 -S
 import sys
 sys.path.insert(0, "/{HELPER_LIB_DIR}")
 import {HELPER_PROGRAM_NAME.removesuffix(".py")}

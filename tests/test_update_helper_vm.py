@@ -92,7 +92,7 @@ def test_root_image_is_ext4_without_journal_and_holds_the_helper(helper_vm_dir):
     listing = debugfs(image, "ls -l /usr/lib/snf-image-helper")
     assert "snf_image_helper.py" in listing and "tasks" in listing
     init = debugfs(image, "cat /usr/bin/snf-image-helper")     # imports the precompiled helper
-    assert init.startswith("#!/usr/bin/python3\n") and "import snf_image_helper\n" in init
+    assert init.startswith("#!/usr/bin/python3 -S\n") and "import snf_image_helper\n" in init
     tasks = debugfs(image, "ls /usr/lib/snf-image-helper/tasks")
     for task in sorted(p.name for p in (REPO / "tasks.d").iterdir() if p.is_file()):
         assert task in tasks
