@@ -17,6 +17,16 @@ Cases, each printed as median seconds per tool and the ratio of medians
           against the shell pipeline `xz -dc -T0 | dd bs=4M oflag=direct`, and
           against the time of decompressing alone plus writing alone (what a
           serial copier would take) and the larger of the two (perfect overlap).
+Every timed run starts from the same state, whatever ran before it: the
+target's old random data written anew and the source read into the page
+cache. (A tool that zeroes ranges leaves them unwritten or unallocated in the
+loop device's file: the next tool to write there pays for allocating them,
+the one after it overwrites blocks just written, twice as fast.)
+The loop device passes direct I/O on to its file (losetup --direct-io=on), as
+the disks of a Ganeti node (LVM, DRBD, files) take O_DIRECT writes. Buffered
+(--buffered-loop), it copies every tool's direct writes into the page cache
+and the final flush writes them all out: most of the time of a dense copy,
+the same whatever the tool, and varying with the host disk's other load.
 Tools run interleaved, round by round, in rotated order (the machine is shared):
 medians over --rounds. Ours is started the way Ganeti starts it: the host
 program installed with its bytecode next to a `deploy` wrapper made from
@@ -27,6 +37,7 @@ Needs root (loop device). Uses about sparse + data + dense + 2 x xz MiB of
 """
 
 import argparse
+import mmap
 import os
 import shutil
 import signal
@@ -44,6 +55,7 @@ HOST = REPO / "snf-image-host.py"
 CREATE_WRAPPER = REPO / "os-def" / "create"
 MIB = 1024 * 1024
 EXTENT = 4 * MIB
+PATTERN = 64 * MIB      # the target's old data: this much random data, repeated
 
 
 def install_os_dir(os_dir):
@@ -120,6 +132,8 @@ def main():
     parser.add_argument("--rounds", type=int, default=5,
                         help="interleaved rounds (the machine is shared: more rounds, steadier medians)")
     parser.add_argument("--dir", default="/var/tmp", help="where the images and the loop device's file live")
+    parser.add_argument("--buffered-loop", action="store_true",
+                        help="the loop device writes its file through the page cache (no --direct-io)")
     options = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench-copy: needs root (loop device)")
@@ -149,12 +163,16 @@ def main():
         xz_raw.unlink()
         pattern = work / "old-data"
         with open(pattern, "wb") as handle:
-            write_random(handle, 64 * MIB)
+            write_random(handle, PATTERN)
         backing = work / "target.loop"
         with open(backing, "wb") as handle:
             handle.truncate(max(sparse_size, dense_size) + 64 * MIB)
-        loop = subprocess.run(["losetup", "--show", "-f", str(backing)], capture_output=True,
-                              text=True, check=True).stdout.strip()
+        direct_io = "off" if options.buffered_loop else "on"
+        loop = subprocess.run(["losetup", "--show", f"--direct-io={direct_io}", "-f", str(backing)],
+                              capture_output=True, text=True, check=True).stdout.strip()
+        if Path(f"/sys/block/{Path(loop).name}/loop/dio").read_text().strip() != ("0" if options.buffered_loop
+                                                                                   else "1"):
+            sys.exit(f"bench-copy: {loop} did not take --direct-io={direct_io}")
         deploy = install_os_dir(work / "os")
         variants = work / "variants"
         variants.mkdir()
@@ -163,18 +181,20 @@ def main():
         conf.write_text(f'IMAGE_DIR="{images}"\nVARIANTS_DIR="{variants}"\nPROGRESS_INTERVAL="600"\n')
         environment = production_environment(SNF_IMAGE_CONFIG=str(conf))
 
-        def refill():
-            """Old random data over the whole image range (64 MiB pattern repeated)."""
-            with open(pattern, "rb") as source:
-                block = source.read()
-            fd = os.open(loop, os.O_WRONLY)
+        def refill(span):
+            """Old random data over the first `span` bytes (the 64 MiB pattern repeated),
+            written direct: no page cache of it is left for the next tool to drop."""
+            fd = os.open(loop, os.O_WRONLY | os.O_DIRECT)
             try:
-                for offset in range(0, sparse_size, len(block)):
-                    os.pwrite(fd, block[:sparse_size - offset], offset)
+                with open(pattern, "rb") as source, mmap.mmap(-1, PATTERN) as block:
+                    source.readinto(block)
+                    with memoryview(block) as view:
+                        for offset in range(0, span, PATTERN):
+                            os.pwrite(fd, view[:span - offset], offset)
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            run(["sync"])
+            run(["sync"])       # nothing left for the host to write back during the timed run
 
         def ours(name):
             return [str(deploy), "--disk", loop, "--img-id", name, "--img-format", "diskdump", "--no-helper"]
@@ -185,41 +205,52 @@ def main():
         def qemu_img(image, fmt):
             return ["qemu-img", "convert", "-n", "-f", fmt, "-O", "raw", "-t", "none", str(image), loop]
 
-        cases = {   # case: {tool: (argv, old data first)}
-            "sparse": {"ours": (ours("sparse.img"), True), "dd": (dd(sparse), True),
-                       "qemu-img": (qemu_img(sparse, "raw"), True)},
-            "qcow2": {"ours": (ours("sparse.qcow2"), True), "qemu-img": (qemu_img(qcow2, "qcow2"), True)},
-            "dense": {"ours": (ours("dense.img"), False), "dd": (dd(dense), False)},
+        def warm(image):
+            """Every tool reads its source from the page cache."""
+            run(["cat", str(image)], stdin=subprocess.DEVNULL)
+
+        cases = {   # case: (source, bytes written onto the target, {tool: argv})
+            "sparse": (sparse, sparse_size,
+                       {"ours": ours("sparse.img"), "dd": dd(sparse), "qemu-img": qemu_img(sparse, "raw")}),
+            "qcow2": (qcow2, sparse_size, {"ours": ours("sparse.qcow2"), "qemu-img": qemu_img(qcow2, "qcow2")}),
+            "dense": (dense, dense_size, {"ours": ours("dense.img"), "dd": dd(dense)}),
         }
-        for image in (sparse, qcow2, dense, xz_image):
-            run(["cat", str(image)], stdin=subprocess.DEVNULL)     # every tool then reads from the page cache
         # correctness once, and a warm-up of every path
-        refill()
+        refill(sparse_size)
+        warm(sparse)
         timed(ours("sparse.img"), environment)
         run(["cmp", "-n", str(sparse_size), str(sparse), loop])
         print("bench-copy: the sparse copy over old random data reads back as the image", flush=True)
+        warm(qcow2)
         timed(ours("sparse.qcow2"), environment)
         run(["cmp", "-n", str(sparse_size), str(sparse), loop])
 
-        times = {(case, tool): [] for case, tools in cases.items() for tool in tools}
+        times = {(case, tool): [] for case, (_, _, tools) in cases.items() for tool in tools}
         xz_times = {"ours (xz image)": [], "xz -dc | dd": [], "decompress only": [], "write only": []}
         xz_write_image = work / "xz-plain.img"
+        xz_size = options.xz_mib * MIB
         subprocess.run(["sh", "-c", f"xz -dc {xz_image} > {xz_write_image}"], check=True)
         os.link(xz_write_image, images / "xz-plain.img")
         try:
             for round_number in range(options.rounds):
-                runs = [(case, tool) for case, tools in cases.items() for tool in tools]
+                runs = [(case, tool) for case, (_, _, tools) in cases.items() for tool in tools]
                 shift = round_number % len(runs)
                 for case, tool in runs[shift:] + runs[:shift]:
-                    argv, old_data = cases[case][tool]
-                    if old_data:
-                        refill()
-                    times[(case, tool)].append(timed(argv, environment if tool == "ours" else None))
+                    source, span, tools = cases[case]
+                    refill(span)
+                    warm(source)
+                    times[(case, tool)].append(timed(tools[tool], environment if tool == "ours" else None))
+                refill(xz_size)
+                warm(xz_image)
                 xz_times["ours (xz image)"].append(timed(ours("packed.img.xz"), environment))
+                refill(xz_size)
+                warm(xz_image)
                 xz_times["xz -dc | dd"].append(timed_shell(
                     f"xz -dc -T0 {xz_image} | dd of={loop} bs=4M iflag=fullblock oflag=direct conv=notrunc,fsync "
                     "status=none"))
                 xz_times["decompress only"].append(timed_shell(f"xz -dc -T0 {xz_image} > /dev/null"))
+                refill(xz_size)
+                warm(xz_write_image)
                 xz_times["write only"].append(timed(ours("xz-plain.img"), environment))
                 print(f"bench-copy: round {round_number + 1}/{options.rounds} done", flush=True)
 
