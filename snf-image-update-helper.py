@@ -1008,15 +1008,6 @@ def find_in_root(root, program):
     return None
 
 
-def remove_multistrap_temp_files(root):
-    """multistrap leaves its apt configuration ($TMPDIR/multistrap.XXXXXX)
-    behind when it is killed; remove the ones that name our root."""
-    for path in Path(tempfile.gettempdir()).glob("multistrap.*"):
-        with contextlib.suppress(OSError):
-            if str(root) in path.read_text(errors="replace"):
-                path.unlink()
-
-
 def build_root_stage(settings, entry, mirror, log_path):
     """Run multistrap and prepare the cache entry directory `entry`."""
     root = entry / "root"
@@ -1040,13 +1031,16 @@ def build_root_stage(settings, entry, mirror, log_path):
     env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "USER": "root", "HOME": "/root",
            "LC_ALL": "C", "DEBIAN_FRONTEND": "noninteractive",
            "INITRD": "No"}  # the kernel postinst must not build an initramfs
-    if "TMPDIR" in os.environ:
-        env["TMPDIR"] = os.environ["TMPDIR"]
+    # multistrap and apt leave temporary files behind when killed: they get a
+    # directory of their own, removed whatever happens.
+    private_tmp = entry / "multistrap-tmp"
+    private_tmp.mkdir(mode=0o700)
+    env["TMPDIR"] = str(private_tmp)
     step(f"multistrap: Debian {settings.suite} from {mirror} (about 20-60 s; log {log_path})")
     try:
         run_logged([*settings.programs["MULTISTRAP"], "-d", str(root), "-f", str(config)], log_path, env=env)
     finally:
-        remove_multistrap_temp_files(root)
+        shutil.rmtree(private_tmp, ignore_errors=True)
     if find_in_root(root, "python3") is None or find_in_root(root, "busybox") is None:
         raise HelperError(f"multistrap finished but the root lacks python3 or busybox (log: {log_path})")
     packages = installed_packages(root)
