@@ -1376,15 +1376,18 @@ def die_with_parent():
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def run_captured(argv, *, timeout, not_found):
+def run_captured(argv, *, timeout, not_found, pass_fds=()):
     """Run argv to completion with its output captured (stdin /dev/null). A
-    missing program or the timeout raises one line, starting with `not_found`
-    or naming the program; the caller judges the exit status."""
+    missing program, one that cannot start or the timeout raises one line,
+    starting with `not_found` or naming the program; the caller judges the
+    exit status."""
     try:
         return subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True,
-                              timeout=timeout, check=False)
+                              pass_fds=pass_fds, timeout=timeout, check=False)
     except FileNotFoundError:
         raise SnfError(not_found) from None
+    except OSError as exc:
+        raise SnfError(f"cannot run {argv[0]}: {exc.strerror}") from None
     except subprocess.TimeoutExpired:
         raise SnfError(f"{argv[0]} did not finish within {timeout} s") from None
 
@@ -2791,17 +2794,17 @@ def qemu_image_name(kind, fd):
     return "json:" + json.dumps(options)
 
 
-def _run_qemu_img(config, arguments, fd, what, ok=(0,)):
+def _run_qemu_img(config, arguments, fd, shown, kind, ok=(0,)):
+    """qemu-img reading the image through descriptor `fd`. An exit status not
+    in `ok` means a corrupt image, told with qemu-img's last message (cut to
+    300 characters: it may quote the image's JSON name whole)."""
     try:
-        result = subprocess.run([*config.QEMU_IMG, *arguments], stdin=subprocess.DEVNULL, capture_output=True,
-                                pass_fds=(fd,), timeout=600, check=False)
-    except OSError as exc:
-        raise SnfError(f"{what}: cannot run {config.QEMU_IMG[0]}: {exc.strerror}") from None
-    except subprocess.TimeoutExpired:
-        raise SnfError(f"{what}: {config.QEMU_IMG[0]} did not finish within 600 s") from None
+        result = run_captured([*config.QEMU_IMG, *arguments], timeout=600, pass_fds=(fd,),
+                              not_found=f"program {config.QEMU_IMG[0]} not found (QEMU_IMG)")
+    except SnfError as exc:
+        raise SnfError(f"{shown}: {exc}") from None
     if result.returncode not in ok:
-        lines = result.stderr.decode("utf-8", "replace").strip().splitlines() or [""]
-        raise SnfError(f"{what}: {lines[-1][:300]}")
+        raise SnfError(f"{shown}: corrupt {kind} image: {last_stderr_line(result)[:300]}")
     return result
 
 
@@ -2813,7 +2816,7 @@ def write_qemu_image(job, source, reader, kind):
     log(f"{shown}: {kind} disk image (from its header), written with qemu-img convert")
     check_qemu_image_header(fd, kind, source.size, shown)
     name = qemu_image_name(kind, fd)
-    info = _run_qemu_img(config, ["info", "--output=json", name], fd, f"{shown}: corrupt {kind} image")
+    info = _run_qemu_img(config, ["info", "--output=json", name], fd, shown, kind)
     try:
         details = json.loads(info.stdout)
         virtual_size = int(details["virtual-size"])
@@ -2824,7 +2827,7 @@ def write_qemu_image(job, source, reader, kind):
     if source.checksum:
         log(f"verifying the image against {source.checksum[2]} before writing")
         drain(reader)               # hashes the file, holes as zeros; a mismatch raises
-    check = _run_qemu_img(config, ["check", "--output=json", name], fd, f"{shown}: corrupt {kind} image",
+    check = _run_qemu_img(config, ["check", "--output=json", name], fd, shown, kind,
                           ok=(*QEMU_CHECK_OK, 2))
     if check.returncode == 2:
         try:

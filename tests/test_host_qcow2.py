@@ -187,6 +187,27 @@ def test_garbage_after_qcow2_magic_is_a_clear_error(tmp_path, site):
     assert "qcow2" in last_line(result) and "Traceback" not in result.stderr.decode()
 
 
+@pytest.mark.parametrize("broken", ["missing", "not-executable"])
+def test_qemu_img_that_cannot_run_is_named_not_blamed_on_the_image(tmp_path, site, broken):
+    raw = tmp_path / "raw"
+    raw_with_data(raw, 4 * MIB)
+    qemu_img("convert", "-f", "raw", "-O", "qcow2", raw, site.images / "q.img")
+    program = tmp_path / "qemu-img-here"
+    if broken == "not-executable":
+        program.write_text("#!/bin/sh\nexit 0\n")
+    site.write_config(QEMU_IMG=program)
+    disk = tmp_path / "disk"
+    random_file(disk, 8 * MIB)
+    before = disk.read_bytes()
+    result = deploy(site, disk, "q.img")
+    assert result.returncode == 1
+    line = last_line(result)
+    assert str(program) in line and "corrupt" not in line
+    assert ("not found" if broken == "missing" else "Permission denied") in line
+    assert "Traceback" not in result.stderr.decode()
+    assert disk.read_bytes() == before
+
+
 def test_qcow2_larger_than_disk_refused_before_writing(tmp_path, site):
     qemu_img("create", "-f", "qcow2", site.images / "big.img", "64M")
     disk = tmp_path / "disk"
