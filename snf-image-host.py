@@ -25,6 +25,7 @@ if sys.version_info < (3, 11):
 # modules it never uses. Modules needed by one path only (checksums, base64
 # checks, temporary directories, the helper VM's selectors loop, argparse for
 # `deploy`, urllib.request) are imported in the function that uses them.
+import bisect
 import errno
 import fcntl
 import io
@@ -1513,9 +1514,25 @@ def at_hole(reader):
     return bool(method and method())
 
 
-class HoleSkippingFile:
-    """A local image file read front to back that knows its holes (SEEK_DATA/SEEK_HOLE):
-    reads stop where a hole starts, skip_hole() steps over it without reading it."""
+class HoleRegions:
+    """A reader that knows, region by region, where runs of zeros lie: reads
+    stop where one starts, skip_hole() steps over it without reading it.
+    Subclasses set size, position, region_end and in_hole in _locate()."""
+
+    def skip_hole(self):
+        if not self.at_hole():
+            return 0
+        length = self.region_end - self.position
+        self.position = self.region_end
+        return length
+
+    def at_hole(self):
+        self._locate()
+        return self.in_hole and self.position < self.size
+
+
+class HoleSkippingFile(HoleRegions):
+    """A local image file read front to back that knows its holes (SEEK_DATA/SEEK_HOLE)."""
 
     def __init__(self, file, size):
         self.fd, self.size = file.fileno(), size
@@ -1546,17 +1563,6 @@ class HoleSkippingFile:
         except OSError:
             hole = self.size
         self.in_hole, self.region_end = False, min(-(-hole // align) * align, self.size)
-
-    def skip_hole(self):
-        if not self.at_hole():
-            return 0
-        length = self.region_end - self.position
-        self.position = self.region_end
-        return length
-
-    def at_hole(self):
-        self._locate()
-        return self.in_hole and self.position < self.size
 
     def readinto(self, view):
         self._locate()
@@ -2808,8 +2814,89 @@ def _run_qemu_img(config, arguments, fd, shown, kind, ok=(0,)):
     return result
 
 
+class MappedImageFile(HoleRegions):
+    """The guest view of a qemu-format image file, read front to back through
+    its map: [(guest offset, length, file offset, or None for zeros)], in
+    order, without gaps, neighbours merged. Like HoleSkippingFile, reads stop
+    where a run of zeros starts and skip_hole() steps over it unread; region
+    ends are multiples of FILE_DIRECT_ALIGNMENT (but for the image's end), so
+    the zeros at the edges of a run are filled in, not skipped."""
+
+    def __init__(self, fd, extents, size, shown):
+        self.fd, self.size, self.shown = fd, size, shown
+        self.extents = extents
+        self.starts = [start for start, _, _ in extents]
+        align = FILE_DIRECT_ALIGNMENT
+        self.holes = [(-(-start // align) * align, (start + length) // align * align)
+                      for start, length, file_offset in extents if file_offset is None]
+        self.holes = [(first, end) for first, end in self.holes if end > first]
+        self.hole_starts = [first for first, _ in self.holes]
+        self.position = 0
+        self.region_end = 0
+        self.in_hole = False
+
+    def _locate(self):
+        if self.position < self.region_end or self.position >= self.size:
+            return
+        index = bisect.bisect_right(self.hole_starts, self.position) - 1
+        if index >= 0 and self.position < self.holes[index][1]:
+            self.in_hole, self.region_end = True, self.holes[index][1]
+        else:
+            following = index + 1
+            self.in_hole = False
+            self.region_end = self.holes[following][0] if following < len(self.holes) else self.size
+
+    def readinto(self, view):
+        self._locate()
+        if self.position >= self.size:
+            return 0
+        count = min(len(view), self.region_end - self.position)
+        done = 0
+        index = bisect.bisect_right(self.starts, self.position) - 1
+        while done < count:
+            start, length, file_offset = self.extents[index]
+            inside = self.position + done - start
+            piece = min(length - inside, count - done)
+            if file_offset is None:
+                view[done:done + piece] = bytes(piece)
+            elif os.preadv(self.fd, [view[done:done + piece]], file_offset + inside) != piece:
+                raise SnfError(f"{self.shown}: its map points past the end of the file (truncated or damaged)")
+            done += piece
+            index += 1
+        self.position += count
+        return count
+
+
+def qemu_image_extents(map_output, virtual_size):
+    """qemu-img map's JSON as [(guest offset, length, file offset or None)],
+    neighbours merged; None when some data has no place in the image file
+    itself (compressed, encrypted, another layer), or the map is not one
+    unbroken cover of the virtual size."""
+    extents, position = [], 0
+    for entry in json.loads(map_output):
+        start, length = int(entry["start"]), int(entry["length"])
+        if start != position or length <= 0 or entry.get("depth", 0) != 0:
+            return None
+        if entry.get("zero"):
+            file_offset = None
+        elif entry.get("data") and isinstance(entry.get("offset"), int) and not entry.get("compressed"):
+            file_offset = entry["offset"]
+        else:
+            return None
+        last = extents[-1] if extents else None
+        if last and (last[2] is None and file_offset is None
+                     or last[2] is not None and file_offset == last[2] + last[1]):
+            extents[-1] = (last[0], last[1] + length, last[2])
+        else:
+            extents.append((start, length, file_offset))
+        position = start + length
+    return extents if position == virtual_size else None
+
+
 def write_qemu_image(job, source, reader, kind):
-    """Write a local image in a qemu format with `qemu-img convert` onto the disk."""
+    """Write a local image in a qemu format onto the disk: a qcow2 whose data
+    all lies in the file itself through the copier, by qemu-img's map of it;
+    anything else with `qemu-img convert`."""
     config, monitor, disk = job.config, job.monitor, job.disks[0]
     shown = f"image {os.path.basename(source.path)}"
     fd = source.file.fileno()
@@ -2836,10 +2923,31 @@ def write_qemu_image(job, source, reader, kind):
             corruptions = "some"
         raise SnfError(f"{shown}: corrupt {kind} image: qemu-img check found {corruptions} corruptions "
                        "(truncated or damaged file)")
+    extents = None
+    if kind == "qcow2":
+        mapped = _run_qemu_img(config, ["map", "--output=json", name], fd, shown, kind)
+        try:
+            extents = qemu_image_extents(mapped.stdout, virtual_size)
+        except (ValueError, KeyError, TypeError):
+            raise SnfError(f"{shown}: qemu-img map printed no usable map") from None
     with DiskWriter(disk.path) as writer:
         target_size, direct = writer.size, writer.direct
-    if virtual_size > target_size:
-        raise SnfError(f"the image ({virtual_size} bytes) is larger than disk {disk.path} ({target_size} bytes)")
+        if virtual_size > target_size:
+            raise SnfError(f"the image ({virtual_size} bytes) is larger than disk {disk.path} "
+                           f"({target_size} bytes)")
+        if extents is not None:
+            log(f"{shown}: copied by its map ({len(extents)} extents)")
+            monitor.info("Starting image copy...")
+            progress = CopyProgress(monitor, virtual_size, config.PROGRESS_INTERVAL, "copy")
+            copied = copy_stream(MappedImageFile(fd, extents, virtual_size, shown), writer,
+                                 config.COPY_BUFFER_SIZE, progress, overlap=config.COPY_OVERLAP,
+                                 writers=config.COPY_WRITERS, sparse=config.SPARSE_COPY)
+            writer.sync()
+            if copied != virtual_size:
+                raise SnfError(f"{shown}: {copied} of {virtual_size} bytes written")
+            progress.update(virtual_size, final=True)
+            monitor.info(f"Image copy finished ({virtual_size} bytes written to {disk.path}).")
+            return
     monitor.info("Starting image copy...")
     argv = [*config.QEMU_IMG, "convert", "-p", "-n", "-O", "raw", "-t", "none" if direct else "writeback"]
     if config.COPY_WRITERS > 1:

@@ -1,5 +1,6 @@
 """snf-image-host.py: disk images in qemu's formats under img_format diskdump
-(detected from the header, written by real qemu-img convert), images that
+(detected from the header; a qcow2 written by the copier through real
+qemu-img's map of it, the other formats by real qemu-img convert), images that
 would make qemu read other files refused before qemu-img opens them, corrupt
 and truncated images, and zstd/xz/gzip streams decompressed by their programs."""
 
@@ -11,11 +12,13 @@ import struct
 import subprocess
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
-from conftest import require_programs
+from conftest import load_script, require_programs
 from host_testlib import last_line, loop_device
 
 MIB = 1024 * 1024
+host = load_script("snf-image-host.py")
 
 
 @pytest.fixture(autouse=True)
@@ -75,7 +78,118 @@ def test_qcow2_over_random_loop_device(tmp_path, site):
     log = result.stderr.decode()
     assert "qcow2 disk image (from its header)" in log
     assert "(100.0%)" in log and "image-copy-progress" in log
-    assert calls.read_text().split() == ["info", "check", "convert"]
+    assert calls.read_text().split() == ["info", "check", "map"]     # written by the copier, by its map
+
+
+def qemu_io(image, *commands):
+    argv = ["qemu-io", "-f", "qcow2"]
+    for command in commands:
+        argv += ["-c", command]
+    subprocess.run([*argv, str(image)], check=True, capture_output=True)
+
+
+@pytest.mark.parametrize("cluster_size", [512, 65536, 2 * MIB])
+@pytest.mark.parametrize("sparse_copy", ["yes", "no"])
+def test_qcow2_layouts_read_back_exactly_by_their_map(tmp_path, site, cluster_size, sparse_copy):
+    """Data at unaligned guest offsets, written back to front (clusters out of
+    order in the file), zero clusters over data, discarded ranges, a data
+    tail that ends off the alignment: the disk reads back what qemu reads."""
+    require_programs("qemu-io")
+    size = 9 * MIB + 3 * 4096
+    image = site.images / "layout.img"
+    qemu_img("create", "-f", "qcow2", "-o", f"cluster_size={cluster_size}", image, size)
+    qemu_io(image, f"write -P 0x33 {size - 5 * 512} {5 * 512}", "write -P 0x11 6000000 300000",
+            "write -P 0x22 512 5000", "write -P 0x44 2M 1M", "write -z 2200000 100000",
+            "discard 2600000 200000", "write -P 0x55 4100 100")
+    reference = tmp_path / "reference.raw"
+    qemu_img("convert", "-f", "qcow2", "-O", "raw", image, reference)
+    site.write_config(SPARSE_COPY=sparse_copy)
+    disk = tmp_path / "disk"
+    random_file(disk, size + MIB)
+    old = disk.read_bytes()
+    result = deploy(site, disk, "layout.img")
+    assert result.returncode == 0, result.stderr.decode()
+    assert "copied by its map" in result.stderr.decode()
+    content = disk.read_bytes()
+    assert content[:size] == reference.read_bytes()
+    assert content[size:] == old[size:]
+
+
+def test_qcow2_map_that_does_not_cover_the_image_is_not_used():
+    """Data with no place in the file (compressed), other layers, gaps,
+    overlaps or a short cover: the map is not used (qemu-img convert is)."""
+    data = '{"start": 0, "length": 4096, "depth": 0, "zero": false, "data": true, "offset": 65536}'
+    zero = '{"start": 4096, "length": 8192, "depth": 0, "zero": true, "data": false}'
+    assert host.qemu_image_extents(f"[{data}, {zero}]", 12288) == [(0, 4096, 65536), (4096, 8192, None)]
+    assert host.qemu_image_extents(f"[{data}, {zero}]", 16384) is None
+    assert host.qemu_image_extents(f"[{zero}]", 12288) is None
+    compressed = data.replace(', "offset": 65536', '')
+    assert host.qemu_image_extents(f"[{compressed}]", 4096) is None
+    lower_layer = data.replace('"depth": 0', '"depth": 1')
+    assert host.qemu_image_extents(f"[{lower_layer}]", 4096) is None
+    assert host.qemu_image_extents(f"[{data}, {data}]", 8192) is None
+    # neighbours in the file and runs of zeros merge
+    second = '{"start": 4096, "length": 4096, "depth": 0, "zero": false, "data": true, "offset": 69632}'
+    assert host.qemu_image_extents(f"[{data}, {second}]", 8192) == [(0, 8192, 65536)]
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.integers(1, 40)), min_size=1, max_size=10),
+       st.sampled_from([1000, MIB]))
+def test_mapped_image_file_reads_its_map(tmp_path_factory, layout, buffer_size):
+    """Read through fill_buffer and skip_hole as the copier does: the bytes
+    read plus the holes skipped are the guest view, holes start and end
+    aligned, and every byte skipped is a zero of the map."""
+    piece = 700        # not a divisor of the alignment: runs start and end anywhere
+    extents, expected, file_bytes, position = [], bytearray(), bytearray(), 0
+    for is_data, count in layout:
+        length = count * piece
+        if is_data:
+            chunk = os.urandom(length)
+            extents.append((position, length, len(file_bytes) + 4096))
+            file_bytes += chunk
+            expected += chunk
+        else:
+            extents.append((position, length, None))
+            expected += bytes(length)
+        position += length
+    path = tmp_path_factory.mktemp("mapped") / "file"
+    path.write_bytes(bytes(4096) + bytes(file_bytes))
+    merged = []
+    for extent in extents:      # as qemu_image_extents hands them over
+        last = merged[-1] if merged else None
+        if last and last[2] is None and extent[2] is None or \
+                last and last[2] is not None and extent[2] == last[2] + last[1]:
+            merged[-1] = (last[0], last[1] + extent[1], last[2])
+        else:
+            merged.append(extent)
+    with open(path, "rb", buffering=0) as handle:
+        reader = host.MappedImageFile(handle.fileno(), merged, position, "image t")
+        seen, offset = bytearray(), 0
+        buffer = memoryview(bytearray(buffer_size))
+        while True:
+            hole = host.skip_hole(reader)
+            if hole:
+                assert offset % 4096 == 0 and hole % 4096 == 0
+                assert expected[offset:offset + hole] == bytes(hole)
+                seen += bytes(hole)
+                offset += hole
+                continue
+            count = host.fill_buffer(reader, buffer, stop_at_holes=True)
+            if not count:
+                break
+            seen += buffer[:count]
+            offset += count
+    assert bytes(seen) == bytes(expected)
+
+
+def test_mapped_image_file_past_the_file_end_is_an_error(tmp_path):
+    path = tmp_path / "short"
+    path.write_bytes(os.urandom(8192))
+    with open(path, "rb", buffering=0) as handle:
+        reader = host.MappedImageFile(handle.fileno(), [(0, 16384, 4096)], 16384, "image short")
+        with pytest.raises(host.SnfError, match="past the end of the file"):
+            host.fill_buffer(reader, memoryview(bytearray(16384)))
 
 
 @pytest.mark.parametrize("fmt, options", [("qcow2", "compat=0.10"), ("vmdk", "subformat=streamOptimized"),

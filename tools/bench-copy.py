@@ -9,7 +9,8 @@ Cases, each printed as median seconds per tool and the ratio of medians
           old content is random (refilled before every run, so nobody can skip
           zeroing): against `dd bs=4M oflag=direct` (goal >= 3) and
           `qemu-img convert -n -t none` (goal >= 1);
-  qcow2   the same image as qcow2, against `qemu-img convert -n -t none` of
+  qcow2   the same image as qcow2 (ours: its map from qemu-img, the data by the
+          copier), against `qemu-img convert -n -t none` of
           that qcow2 (goal >= 0.9);
   dense   a random image of --dense-mib (2 GiB): against dd bs=4M oflag=direct
           (goal >= 1.0, no regression);
