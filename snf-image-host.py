@@ -2900,7 +2900,7 @@ def write_qemu_image(job, source, reader, kind):
     config, monitor, disk = job.config, job.monitor, job.disks[0]
     shown = f"image {os.path.basename(source.path)}"
     fd = source.file.fileno()
-    log(f"{shown}: {kind} disk image (from its header), written with qemu-img convert")
+    log(f"{shown}: {kind} disk image (from its header)")
     check_qemu_image_header(fd, kind, source.size, shown)
     name = qemu_image_name(kind, fd)
     info = _run_qemu_img(config, ["info", "--output=json", name], fd, shown, kind)
@@ -2948,6 +2948,7 @@ def write_qemu_image(job, source, reader, kind):
             progress.update(virtual_size, final=True)
             monitor.info(f"Image copy finished ({virtual_size} bytes written to {disk.path}).")
             return
+    log(f"{shown}: written with qemu-img convert")
     monitor.info("Starting image copy...")
     argv = [*config.QEMU_IMG, "convert", "-p", "-n", "-O", "raw", "-t", "none" if direct else "writeback"]
     if config.COPY_WRITERS > 1:

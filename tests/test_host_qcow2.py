@@ -206,6 +206,7 @@ def test_other_formats_onto_file_disk(tmp_path, site, fmt, options):
     result = deploy(site, disk, f"image.{fmt}.raw")
     assert result.returncode == 0, result.stderr.decode()
     assert f"{fmt} disk image (from its header)" in result.stderr.decode()
+    assert ("copied by its map" if fmt == "qcow2" else "written with qemu-img convert") in result.stderr.decode()
     content = disk.read_bytes()
     assert len(content) == 10 * MIB and content[:size] == raw.read_bytes()
 
