@@ -15,7 +15,7 @@ tools/helpervm.py), and times `create` from start to exit:
             helper boot, i.e. the helper-only overhead.
 
 Runs alternate between the two (in turn first) so that load from other
-processes hits both alike; the medians (of 3 by default) are printed with
+processes hits both alike; the medians (of 5 by default) are printed with
 their ratio and difference (= the cost of the tasks themselves), and the
 machine's load average. Goal: full ≤ 1.6 × baseline.
 
@@ -80,7 +80,7 @@ def helper_vm_seconds(log_path):
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=int, default=3, help="runs of each kind (default 3)")
+    parser.add_argument("--runs", type=int, default=5, help="runs of each kind (default 5)")
     parser.add_argument("--keep-logs", type=Path, help="directory for the create logs")
     return parser.parse_args(argv)
 
