@@ -32,7 +32,6 @@ MOUNT = load_task("30MountImage")
 NETWORK = load_task("50ConfigureNetwork")
 PERSONALITY = load_task("60EnforcePersonality")
 HOSTNAME = load_task("50AssignHostname")
-RESIZE = load_task("20FilesystemResizeUnmounted")
 RESIZE_MOUNTED = load_task("40FilesystemResizeMounted")
 SSHKEYS = load_task("50DeleteSSHKeys")
 SWAP = load_task("50AddSwap")
@@ -699,9 +698,11 @@ def ext_superblock(state=1, compat=0, incompat=0, ro_compat=0):
 
 
 def test_ext_superblock_state_type_and_btrfs_parsing():
-    assert RESIZE.ext_state(ext_superblock(state=2, incompat=0x4)) == ("not clean with errors", True)
-    assert RESIZE.ext_state(ext_superblock(state=0)) == ("not clean", False)
-    assert RESIZE.ext_state(ext_superblock(state=1, incompat=0x2c2)) == ("clean", False)
+    for state, incompat, words, recovery in ((2, 0x4, "not clean with errors", True),
+                                             (0, 0, "not clean", False),
+                                             (1, 0x2c2, "clean", False)):
+        superblock = LIB.ExtSuperblock(ext_superblock(state=state, incompat=incompat))
+        assert (superblock.state_words(), superblock.needs_recovery()) == (words, recovery)
     assert LIB.ext_type(ext_superblock(incompat=0x2)) == "ext2"
     assert LIB.ext_type(ext_superblock(compat=0x4, incompat=0x6, ro_compat=0x3)) == "ext3"
     assert LIB.ext_type(ext_superblock(compat=0x4, incompat=0x2c2, ro_compat=0x46b)) == "ext4"
