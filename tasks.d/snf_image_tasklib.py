@@ -342,7 +342,8 @@ def task_exclusion(file_name):
         return f"{file_name[2:]} is not installed"
     attributes, _ = helper.read_task_attributes(path)
     properties = helper.Properties(os.environ, warn=lambda message: None)
-    return helper.exclusion_reason(helper.Task(path, attributes), properties)
+    reason = helper.exclusion_reason(helper.Task(path, attributes), properties)
+    return reason and reason.rstrip(".")
 
 
 def ext_growth_excluded():
