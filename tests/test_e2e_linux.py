@@ -335,7 +335,9 @@ def test_ext4_root_grown_online_and_consistent(deployment):
     if deployment.scenario.root_fstype != "ext4" or cloud_init(deployment):
         assert not grown, log
         return
-    assert len(grown) == 1, log
+    announced = re.findall(r"\[20FilesystemResizeUnmounted\] ext4 on \S+ is left to "
+                           r"FilesystemResizeMounted to grow online from (\d+) to (\d+) blocks", log)
+    assert len(grown) == 1 and announced == grown, log
     assert "Resizing the filesystem on" not in log and "[81FilesystemResizeAfterUmount]" not in log
     part = next(p for p in partition_table(deployment.disk)["partitions"]
                 if p["node"].rsplit("img", 1)[1] == str(deployment.scenario.root_partition))

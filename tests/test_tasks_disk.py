@@ -625,7 +625,7 @@ def test_the_size_aimed_at_is_resize2fs_own(tmp_path):
                ["-t", "ext4", "-O", "sparse_super2"], ["-t", "ext4", "-O", "meta_bg,^resize_inode"],
                ["-t", "ext4", "-O", "^sparse_super,^resize_inode"]]
     path = tmp_path / "fs.img"
-    growths = [1, 7, 8 + 16, 513, 4096 * 2 + 3, 65535, 262144 + 1000, 3 * 1024 * 1024]
+    growths = [1, 7, 8 + 16, 513, 4096 * 2 + 3, 65535, 262144 + 1000, 1024 * 1024 + 5]   # KiB
     for index, layout in enumerate(layouts):
         for growth in growths[index % 2::2]:
             path.unlink(missing_ok=True)
