@@ -13,6 +13,9 @@ than one task needs:
   in the image can make a task write outside it.
 * the image's passwd/group/sshd_config, blkid probing, cloud-init files,
   program names (each overridable from the environment, e.g. SFDISK=/sbin/sfdisk).
+* the plan for growing ext2/3/4 that tasks 20, 40 and 81 share
+  (ExtSuperblock: the size resize2fs would give it, and whether the kernel
+  may grow it online; the offline check and growth).
 * what the image's systemd will do at the next boot: whether it is a first
   boot (machine-id(5)), which units are pulled in, and whether a unit's
   conditions hold (SystemdUnits: one listing of each unit directory and one
@@ -172,6 +175,204 @@ def require_block_device(path, what):
         raise TaskError(f"{what} {path} does not exist") from None
     if not stat.S_ISBLK(mode):
         raise TaskError(f"{what} {path} is not a block device")
+
+
+# --------------------------------------------------------------------------
+# Growing ext2/3/4 (tasks 20, 40 and 81 share one plan)
+# --------------------------------------------------------------------------
+#
+# FilesystemResizeUnmounted owns the growth of ext*: excluding it leaves the
+# file system as it is, as ever.  It grows the file system offline itself
+# (e2fsck -f -p, resize2fs) unless the kernel can grow it online, in which
+# case FilesystemResizeMounted does so once it is mounted (the
+# EXT4_IOC_RESIZE_FS ioctl, as resize2fs does for a mounted file system) and
+# FilesystemResizeAfterUmount grows offline whatever is still smaller than
+# its partition then.  The size aimed at is resize2fs's own choice.
+
+EXT_TYPES = ("ext2", "ext3", "ext4")
+EXT_STATE_VALID = 0x1
+EXT_STATE_ERROR = 0x2
+EXT_COMPAT_RESIZE_INODE = 0x10
+EXT_COMPAT_SPARSE_SUPER2 = 0x200
+EXT_INCOMPAT_RECOVER = 0x4
+EXT_INCOMPAT_META_BG = 0x10
+EXT_INCOMPAT_64BIT = 0x80
+EXT_RO_COMPAT_SPARSE_SUPER = 0x1
+EXT_RO_COMPAT_BIGALLOC = 0x200
+E2FSCK_OK = (0, 1)                          # 1 = errors corrected
+EXT_GROWER = "20FilesystemResizeUnmounted"
+ONLINE_GROWER = "40FilesystemResizeMounted"
+SAFETY_NET = "81FilesystemResizeAfterUmount"
+
+
+def _u16(raw, offset):
+    return int.from_bytes(raw[offset:offset + 2], "little")
+
+
+def _u32(raw, offset):
+    return int.from_bytes(raw[offset:offset + 4], "little")
+
+
+class ExtSuperblock:
+    """What growing needs from a 1024-byte ext2/3/4 superblock."""
+
+    def __init__(self, raw):
+        self.compat, self.incompat, self.ro_compat = (_u32(raw, o) for o in (0x5C, 0x60, 0x64))
+        self.is_64bit = bool(self.incompat & EXT_INCOMPAT_64BIT)
+        self.blocks = _u32(raw, 0x04) + ((_u32(raw, 0x150) << 32) if self.is_64bit else 0)
+        self.block_size = 1024 << _u32(raw, 0x18)
+        self.first_data_block = _u32(raw, 0x14)
+        self.blocks_per_group = _u32(raw, 0x20)
+        self.inodes_per_group = _u32(raw, 0x28)
+        self.state = _u16(raw, 0x3A)
+        inode_size = _u16(raw, 0x58) if _u32(raw, 0x4C) >= 1 else 128
+        self.inode_blocks_per_group = -(-self.inodes_per_group * inode_size // self.block_size)
+        self.reserved_gdt_blocks = _u16(raw, 0xCE)
+        desc_size = _u16(raw, 0xFE) if self.is_64bit else 32
+        self.descriptors_per_block = self.block_size // (desc_size or 32)
+        self.backup_groups = (_u32(raw, 0x24C), _u32(raw, 0x250))
+
+    def state_words(self):
+        """The state as tune2fs words it."""
+        words = "clean" if self.state & EXT_STATE_VALID else "not clean"
+        return words + " with errors" if self.state & EXT_STATE_ERROR else words
+
+    def needs_recovery(self):
+        return bool(self.incompat & EXT_INCOMPAT_RECOVER)
+
+    def groups(self, blocks):
+        return -(-(blocks - self.first_data_block) // self.blocks_per_group)
+
+    def descriptor_blocks(self, blocks):
+        return -(-self.groups(blocks) // self.descriptors_per_block)
+
+    def has_backup(self, group):
+        """Whether group `group` holds a superblock backup (libext2fs's rule)."""
+        if group == 0:
+            return True
+        if self.compat & EXT_COMPAT_SPARSE_SUPER2:
+            return group in self.backup_groups
+        if group == 1 or not self.ro_compat & EXT_RO_COMPAT_SPARSE_SUPER:
+            return True
+        if group % 2 == 0:
+            return False
+        for base in (3, 5, 7):
+            power = base
+            while power < group:
+                power *= base
+            if power == group:
+                return True
+        return False
+
+    def fitting_blocks(self, device_bytes):
+        """The block count resize2fs gives the file system on a device of
+        `device_bytes` (its default size): the device's size rounded down
+        to whole pages, and a last group too small for its own metadata (and
+        50 blocks) dropped.  None when a 32-bit file system cannot get there."""
+        blocks = device_bytes // self.block_size
+        page_blocks = os.sysconf("SC_PAGE_SIZE") // self.block_size
+        if page_blocks > 1:
+            blocks -= blocks % page_blocks
+        if not self.is_64bit:
+            if blocks == 1 << 32:
+                blocks -= 1
+            elif blocks > 1 << 32:
+                return None
+        while blocks > self.first_data_block:
+            groups = self.groups(blocks)
+            overhead = 2 + self.inode_blocks_per_group
+            if self.compat & EXT_COMPAT_SPARSE_SUPER2:
+                has_backup = self.backup_groups[0 if groups == 2 else 1] != 0
+            else:
+                has_backup = self.has_backup(groups - 1)
+            if has_backup:
+                overhead += 1 + self.descriptor_blocks(blocks) + self.reserved_gdt_blocks
+            rest = (blocks - self.first_data_block) % self.blocks_per_group
+            if groups > 1 and rest and rest < overhead + 50:
+                blocks -= rest
+                continue
+            return blocks
+        return None
+
+    def online_obstacle(self, new_blocks, mounted=False):
+        """Why the kernel should not grow this file system online to
+        `new_blocks` (None: nothing is in the way).  Mounted, the journal is
+        in use and says so: only the unmounted superblock tells recovery."""
+        if new_blocks is None:
+            return "too large for a 32-bit file system"
+        if new_blocks < self.blocks:
+            return "larger than its partition"
+        if not self.compat & EXT_COMPAT_HAS_JOURNAL:
+            return "no journal"
+        if self.needs_recovery() and not mounted:
+            return "its journal needs recovery"
+        if self.state & EXT_STATE_ERROR:
+            return "errors recorded"
+        if self.ro_compat & EXT_RO_COMPAT_BIGALLOC:
+            return "bigalloc"
+        if self.compat & EXT_COMPAT_SPARSE_SUPER2:
+            return "sparse_super2"
+        if not self.incompat & EXT_INCOMPAT_META_BG:
+            if not self.compat & EXT_COMPAT_RESIZE_INODE:
+                return "neither resize_inode nor meta_bg"
+            # Past the reserved descriptor blocks the kernel would switch the
+            # file system to meta_bg; resize2fs keeps its features.
+            if self.descriptor_blocks(new_blocks) > \
+                    self.descriptor_blocks(self.blocks) + self.reserved_gdt_blocks:
+                return "more group descriptors than the reserved ones"
+        if self.groups(new_blocks) * self.inodes_per_group > 0xFFFFFFFF:
+            return "too many inodes"
+        return None
+
+
+def read_ext_superblock(device):
+    """(ExtSuperblock, size of the device in bytes)."""
+    fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return ExtSuperblock(os.pread(fd, 1024, 1024)), os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)
+
+
+def task_exclusion(file_name):
+    """Why the runner does not run the task `file_name` of this directory
+    (its exclusion rules, applied by the runner's own code), or None."""
+    path = os.path.join(os.path.dirname(os.path.realpath(__file__)), file_name)
+    if not os.access(path, os.X_OK):
+        return f"{file_name[2:]} is not installed"
+    attributes, _ = helper.read_task_attributes(path)
+    properties = helper.Properties(os.environ, warn=lambda message: None)
+    reason = helper.exclusion_reason(helper.Task(path, attributes), properties)
+    return reason and reason.rstrip(".")
+
+
+def ext_growth_excluded():
+    """Set when ext* must not be grown: FilesystemResizeUnmounted is excluded."""
+    return task_exclusion(EXT_GROWER) is not None
+
+
+def require_clean_ext(partition, superblock):
+    """Refuse an ext* that is not clean by its superblock (as upstream)."""
+    state = superblock.state_words()
+    if state != "clean":
+        raise TaskError(f"The file system state of partition {partition} is not clean "
+                        f"(state = {state})")
+
+
+def grow_ext_offline(partition, fstype, superblock, why):
+    """Check and grow an unmounted ext* (its `superblock` as read before)
+    as resize2fs does by default; an unclean one is refused."""
+    require_clean_ext(partition, superblock)
+    if superblock.needs_recovery():
+        helper.warn(f"The journal of {partition} needs recovery; e2fsck will replay it")
+    result = run([program("e2fsck"), "-f", "-p", partition], check=False)
+    if result.returncode not in E2FSCK_OK:
+        raise TaskError(f"e2fsck of {partition} failed (exit code {result.returncode})")
+    run([program("resize2fs"), partition])
+    after = read_ext_superblock(partition)[0].blocks
+    verb = "grown" if after > superblock.blocks else "resized"
+    info(f"{fstype} on {partition} {verb} offline from {superblock.blocks} to {after} "
+         f"blocks ({why})")
 
 
 # --------------------------------------------------------------------------

@@ -30,6 +30,7 @@ import ctypes.util
 import hashlib
 import ipaddress
 import json
+import re
 import secrets
 import subprocess
 import tempfile
@@ -322,6 +323,41 @@ def test_root_filesystem_fills_the_disk(deployment):
         assert table["label"] == "gpt"
         # The backup GPT header was moved to the end of the larger disk.
         assert table["lastlba"] >= DISK_SIZE // 512 - 34
+
+
+def test_ext4_root_grown_online_and_consistent(deployment):
+    """An ext4 root is grown online by FilesystemResizeMounted (no e2fsck and
+    no resize2fs in the helper) to the size resize2fs gives it, and passes
+    e2fsck after the guest has run on it."""
+    log = deployment.create.stdout + deployment.create.stderr
+    grown = re.findall(r"\[40FilesystemResizeMounted\] ext4 on \S+ grown online from (\d+) "
+                       r"to (\d+) blocks", log)
+    if deployment.scenario.root_fstype != "ext4" or cloud_init(deployment):
+        assert not grown, log
+        return
+    announced = re.findall(r"\[20FilesystemResizeUnmounted\] ext4 on \S+ is left to "
+                           r"FilesystemResizeMounted to grow online from (\d+) to (\d+) blocks", log)
+    assert len(grown) == 1 and announced == grown, log
+    assert "Resizing the filesystem on" not in log and "[81FilesystemResizeAfterUmount]" not in log
+    part = next(p for p in partition_table(deployment.disk)["partitions"]
+                if p["node"].rsplit("img", 1)[1] == str(deployment.scenario.root_partition))
+    device = subprocess.run(["losetup", "--find", "--show", "--read-only",
+                             "--offset", str(part["start"] * 512),
+                             "--sizelimit", str(part["size"] * 512), str(deployment.disk)],
+                            check=True, capture_output=True, text=True).stdout.strip()
+    try:
+        header = subprocess.run(["dumpe2fs", "-h", device], check=True, capture_output=True,
+                                text=True).stdout
+        fields = {key.strip(): value.strip() for key, _, value in
+                  (line.partition(":") for line in header.splitlines())}
+        blocks, block_size, per_group = (int(fields[key]) for key in
+                                         ("Block count", "Block size", "Blocks per group"))
+        assert blocks == int(grown[0][1]) > int(grown[0][0])
+        # the whole partition but a last group too small to keep
+        assert 0 <= part["size"] * 512 - blocks * block_size < per_group * block_size
+        subprocess.run(["e2fsck", "-f", "-n", device], check=True, capture_output=True)
+    finally:
+        subprocess.run(["losetup", "-d", device], check=False)
 
 
 def test_swap(deployment):

@@ -4,8 +4,12 @@ helper VM (same environment variables, the real library), and the results
 are checked on the disks: partition tables, grown file systems, mounts,
 fstab, shadow hashes verified with the system's crypt(3), authorized_keys
 modes, network files, host keys made by the helper's own ssh-keygen,
-injected files, and refusal of an unclean file system.  The
-booted end-to-end proof is tests/test_e2e_linux.py."""
+injected files, and refusal of an unclean file system.  ext2/3/4 growth:
+online where the kernel may (where the container withholds the capability
+the ioctl needs, the safety net's offline growth is what is checked),
+offline where it may not, the safety net, the exclusions, and the target
+size against resize2fs itself.  The booted end-to-end proof (with the
+online growth in the helper VM) is tests/test_e2e_linux.py."""
 
 import base64
 import contextlib
@@ -17,11 +21,13 @@ import subprocess
 
 import pytest
 
-from conftest import REPO, require_programs, require_root
+from conftest import REPO, load_script, require_programs, require_root
 
 pytestmark = pytest.mark.root
 
 TASKS = REPO / "tasks.d"
+load_script("snf-image-helper.py", "snf_image_helper")       # what the task library imports
+LIB = load_script("tasks.d/snf_image_tasklib.py", "snf_image_tasklib")
 MIB = 1024 * 1024
 TEST_PASSWORD = "test-Passw0rd!"
 KEYS = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKeyOne one@test\nssh-rsa AAAAB3KeyTwo two@test\n"
@@ -303,7 +309,8 @@ def test_mbr_logical_root_grows_and_gets_logical_swap(machine):
            "SNF_IMAGE_PROPERTY_OSFAMILY": "linux", "SNF_IMAGE_PROPERTY_ROOT_PARTITION": "5",
            "SNF_IMAGE_PROPERTY_SWAP": "6:8"}
     for task in ("10FixPartitionTable", "20FilesystemResizeUnmounted", "30MountImage",
-                 "50AddSwap", "80UmountImage"):
+                 "40FilesystemResizeMounted", "50AddSwap", "80UmountImage",
+                 "81FilesystemResizeAfterUmount"):
         machine.run(task, env)
     parts = {int(p["node"].rsplit("p", 1)[1]): p for p in table(device)["partitions"]}
     total = 200 * MIB // 512
@@ -394,6 +401,243 @@ def test_unclean_ext4_is_refused(machine):
     assert sh("dumpe2fs", "-h", machine.part(device, 1)).stdout == before
 
 
+def test_unclean_ext4_left_to_the_safety_net_is_refused(machine):
+    """Task 81 checks as task 20 does: an unclean file system is not grown."""
+    require_programs("debugfs")
+    device = ext_disk(machine, ["-t", "ext4"])
+    partition = machine.part(device, 1)
+    sh("debugfs", "-w", "-R", "ssv state 0", partition)
+    before = sh("dumpe2fs", "-h", partition).stdout
+    result = machine.run("81FilesystemResizeAfterUmount",
+                         {"SNF_IMAGE_DEV": device, "SNF_IMAGE_RESIZE_PART": "1"}, check=False)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"ERROR: The file system state of partition {partition} is not clean (state = not clean)")
+    assert sh("dumpe2fs", "-h", partition).stdout == before
+
+
+# --------------------------------------------------------------------------
+# Growing ext2/3/4: online by task 40 where the kernel can, offline by task
+# 20 where it cannot, and task 81 for whatever is still small
+# --------------------------------------------------------------------------
+
+RESIZE_TASKS = ("20FilesystemResizeUnmounted", "30MountImage", "40FilesystemResizeMounted",
+                "80UmountImage", "81FilesystemResizeAfterUmount")
+
+
+def superblock(partition):
+    return LIB.read_ext_superblock(partition)[0]
+
+
+def kernel_grows_online():
+    """The online resize ioctl needs CAP_SYS_RESOURCE, which some
+    containers withhold from root; the helper VM always has it."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) >> 24 & 1)
+    return False
+
+
+def ext_disk(machine, mkfs, first_size=16 * MIB, disk_size=200 * MIB, fstab=True,
+             second_partition=False):
+    """A disk whose last partition holds a small ext* (`mkfs`: mke2fs
+    options) and ends at the end of the disk, as after FixPartitionTable.
+    With second_partition, the root is partition 1 and the ext* to grow is
+    partition 2, which the image's fstab does not mount."""
+    image = machine.tmp / "disk.img"
+    grow(image, disk_size)
+    layout = ["label: dos"]
+    if second_partition:
+        layout.append("start=2048, size=40960, type=83")
+    layout.append(f"start={43008 if second_partition else 2048}, type=83")
+    sh("sfdisk", "-q", image, input="\n".join(layout) + "\n")
+    device = machine.attach(image)
+    number = 2 if second_partition else 1
+    # (-T default: 4 KiB blocks as on real images, not those of a small file system)
+    sh("mke2fs", "-q", "-F", "-T", "default", *mkfs, machine.part(device, number),
+       f"{first_size // 1024}k")
+    if second_partition:
+        sh("mkfs.ext4", "-q", "-F", machine.part(device, 1))
+    tree = machine.tmp / "tree"
+    debian_tree(tree)
+    (tree / "etc/fstab").write_text("/dev/vda1 / ext4 defaults 0 1\n" if fstab else "")
+    populate(machine, device, 1, tree)
+    return device
+
+
+def resize_env(device, number=1, **properties):
+    env = {"SNF_IMAGE_DEV": device, "SNF_IMAGE_RESIZE_PART": str(number),
+           "SNF_IMAGE_PROPERTY_OSFAMILY": "linux", "SNF_IMAGE_PROPERTY_ROOT_PARTITION": "1"}
+    env.update({f"SNF_IMAGE_PROPERTY_{key}": value for key, value in properties.items()})
+    return env
+
+
+def runs(task, env):
+    """Whether the runner runs `task` with these properties (its own rules)."""
+    helper = LIB.helper
+    path = str(TASKS / task)
+    return helper.exclusion_reason(helper.Task(path, helper.read_task_attributes(path)[0]),
+                                   helper.Properties(env, warn=lambda message: None)) is None
+
+
+def run_tasks(machine, env, tasks=RESIZE_TASKS):
+    return {task: machine.run(task, env).stderr for task in tasks}
+
+
+def fills_partition(partition):
+    """The block count resize2fs itself would give it there: the partition
+    rounded down to pages, less a last group too small for its metadata."""
+    sb, size = LIB.read_ext_superblock(partition)
+    return sb.blocks == sb.fitting_blocks(size) and \
+        size - sb.blocks * sb.block_size < sb.blocks_per_group * sb.block_size
+
+
+@pytest.mark.parametrize("mkfs", [["-t", "ext4"], ["-t", "ext4", "-O", "meta_bg,^resize_inode"],
+                                  ["-t", "ext3"]])
+def test_ext_grown_online_without_e2fsck_or_resize2fs(machine, mkfs):
+    device = ext_disk(machine, mkfs)
+    partition = machine.part(device, 1)
+    fstype = mkfs[1]
+    before = superblock(partition).blocks
+    outputs = run_tasks(machine, resize_env(device))
+    wanted = (200 * MIB - 2048 * 512) // 4096
+    assert outputs["20FilesystemResizeUnmounted"].strip() == (
+        f"{fstype} on {partition} is left to FilesystemResizeMounted to grow online from "
+        f"{before} to {wanted} blocks")
+    if kernel_grows_online():
+        assert outputs["40FilesystemResizeMounted"].strip() == \
+            f"{fstype} on {partition} grown online from {before} to {wanted} blocks"
+        assert outputs["81FilesystemResizeAfterUmount"] == ""
+    else:
+        # the ioctl is refused here (EPERM): a warning, and task 81 grows it
+        assert f"The kernel did not grow {fstype} on {partition} online (Operation not " \
+            "permitted); FilesystemResizeAfterUmount will grow it offline" in \
+            outputs["40FilesystemResizeMounted"]
+        assert f"{fstype} on {partition} grown offline from {before} to {wanted} blocks " \
+            "(not grown while mounted)" in outputs["81FilesystemResizeAfterUmount"]
+    assert superblock(partition).blocks == wanted and fills_partition(partition)
+    sh("e2fsck", "-f", "-n", partition)
+
+
+GIB = 1024 * MIB
+
+
+@pytest.mark.parametrize("mkfs, disk_size, reason", [
+    (["-t", "ext2"], 200 * MIB, "no journal"),
+    (["-t", "ext4", "-O", "^resize_inode"], 200 * MIB, "neither resize_inode nor meta_bg"),
+    (["-t", "ext4", "-O", "sparse_super2"], 200 * MIB, "sparse_super2"),
+    # one reserved descriptor block: enough for 16 GiB, and the disk (sparse) is larger;
+    # the kernel would turn the file system into a meta_bg one
+    (["-t", "ext4", "-E", "resize=5000"], 17 * GIB, "more group descriptors than the reserved ones"),
+])
+def test_ext_the_kernel_should_not_grow_is_grown_offline_by_task_20(machine, mkfs, disk_size,
+                                                                     reason):
+    device = ext_disk(machine, mkfs, disk_size=disk_size)
+    partition = machine.part(device, 1)
+    before = superblock(partition)
+    outputs = run_tasks(machine, resize_env(device))
+    fstype = mkfs[1]
+    assert f"{fstype} on {partition} grown offline from {before.blocks} to " \
+        f"{superblock(partition).blocks} blocks ({reason})" in outputs["20FilesystemResizeUnmounted"]
+    assert outputs["40FilesystemResizeMounted"] == outputs["81FilesystemResizeAfterUmount"] == ""
+    assert fills_partition(partition)
+    after = superblock(partition)
+    assert (after.compat, after.incompat, after.ro_compat) == \
+        (before.compat, before.incompat, before.ro_compat)
+    sh("e2fsck", "-f", "-n", partition)
+
+
+def test_journal_needing_recovery_is_replayed_and_grown_offline(machine):
+    require_programs("debugfs")
+    device = ext_disk(machine, ["-t", "ext4"])
+    partition = machine.part(device, 1)
+    sh("debugfs", "-w", "-R", "feature needs_recovery", partition)
+    outputs = run_tasks(machine, resize_env(device), RESIZE_TASKS[:1])
+    text = outputs["20FilesystemResizeUnmounted"]
+    assert f"The journal of {partition} needs recovery; e2fsck will replay it" in text
+    assert "blocks (its journal needs recovery)" in text and fills_partition(partition)
+    assert not superblock(partition).needs_recovery()
+
+
+def test_ext4_already_filling_its_partition_is_left_alone(machine):
+    device = ext_disk(machine, ["-t", "ext4"], first_size=200 * MIB - MIB)
+    partition = machine.part(device, 1)
+    before = sh("dumpe2fs", "-h", partition).stdout
+    outputs = run_tasks(machine, resize_env(device), RESIZE_TASKS[:1])
+    assert outputs["20FilesystemResizeUnmounted"].strip() == (
+        f"ext4 on {partition} already fills its partition ({superblock(partition).blocks} blocks)")
+    assert sh("dumpe2fs", "-h", partition).stdout == before      # not even checked
+
+
+@pytest.mark.parametrize("second_partition", [False, True])
+def test_the_safety_net_grows_what_task_40_did_not(machine, second_partition):
+    """Task 40 overwritten by the image (it did not run), or the partition
+    is one MountImage does not mount: task 81 grows it offline."""
+    device = ext_disk(machine, ["-t", "ext4"], second_partition=second_partition)
+    number = 2 if second_partition else 1
+    partition = machine.part(device, number)
+    tasks = [task for task in RESIZE_TASKS
+             if second_partition or task != "40FilesystemResizeMounted"]
+    outputs = run_tasks(machine, resize_env(device, number), tasks)
+    if second_partition:
+        assert outputs["40FilesystemResizeMounted"].strip() == \
+            f"ext4 on {partition} is left to FilesystemResizeAfterUmount (not mounted)"
+    assert "blocks (not grown while mounted)" in outputs["81FilesystemResizeAfterUmount"]
+    assert fills_partition(partition)
+    sh("e2fsck", "-f", "-n", partition)
+
+
+@pytest.mark.parametrize("properties, grown_by", [
+    # task 40 will not run: task 20 grows it offline itself, before any task writes
+    ({"EXCLUDE_TASK_FILESYSTEMRESIZEMOUNTED": "yes"}, "20FilesystemResizeUnmounted"),
+    ({"EXCLUDE_MOUNTED_TASKS": "yes"}, "20FilesystemResizeUnmounted"),
+    # no safety net after it: the same
+    ({"EXCLUDE_TASK_FILESYSTEMRESIZEAFTERUMOUNT": "yes"}, "20FilesystemResizeUnmounted"),
+    # excluding task 20 leaves ext* as it is, as before
+    ({"EXCLUDE_TASK_FILESYSTEMRESIZEUNMOUNTED": "yes"}, None),
+])
+def test_exclusions_grow_what_they_grew_before_and_nothing_more(machine, properties, grown_by):
+    device = ext_disk(machine, ["-t", "ext4"])
+    partition = machine.part(device, 1)
+    before = superblock(partition).blocks
+    env = resize_env(device, **properties)
+    outputs = run_tasks(machine, env, [task for task in RESIZE_TASKS if runs(task, env)])
+    if grown_by is None:
+        assert superblock(partition).blocks == before
+        assert "is not grown: FilesystemResizeUnmounted is excluded" in \
+            outputs["40FilesystemResizeMounted"]
+        assert outputs["81FilesystemResizeAfterUmount"] == ""
+    else:
+        assert "grown offline" in outputs[grown_by] and "was excluded" in outputs[grown_by]
+        assert fills_partition(partition)
+        assert "grown" not in outputs.get("40FilesystemResizeMounted", "")
+        assert outputs.get("81FilesystemResizeAfterUmount", "") == ""
+
+
+def test_the_size_aimed_at_is_resize2fs_own(tmp_path):
+    """fitting_blocks against the real resize2fs on file systems of several
+    layouts grown by various amounts (page rounding, a last group too small
+    to keep, 1 KiB blocks, meta_bg, sparse_super2, 32-bit)."""
+    require_programs("mke2fs", "resize2fs")
+    layouts = [["-t", "ext4"], ["-t", "ext4", "-b", "1024"], ["-t", "ext2"],
+               ["-t", "ext3", "-b", "2048"], ["-t", "ext4", "-O", "^64bit"],
+               ["-t", "ext4", "-O", "sparse_super2"], ["-t", "ext4", "-O", "meta_bg,^resize_inode"],
+               ["-t", "ext4", "-O", "^sparse_super,^resize_inode"]]
+    path = tmp_path / "fs.img"
+    growths = [1, 7, 8 + 16, 513, 4096 * 2 + 3, 65535, 262144 + 1000, 1024 * 1024 + 5]   # KiB
+    for index, layout in enumerate(layouts):
+        for growth in growths[index % 2::2]:
+            path.unlink(missing_ok=True)
+            grow(path, 48 * MIB + index * 4096 * 3)
+            sh("mke2fs", "-q", "-F", *layout, path)
+            grow(path, path.stat().st_size + growth * 1024)
+            sb, size = LIB.read_ext_superblock(str(path))
+            wanted = sb.fitting_blocks(size)
+            sh("resize2fs", "-f", path)
+            assert LIB.read_ext_superblock(str(path))[0].blocks == wanted, (layout, growth)
+
+
 def test_unknown_user_and_unresolvable_fstab_fail_loudly(machine):
     image = make_mbr_disk(machine.tmp, 40 * MIB, ["label: dos", "start=2048, type=83"], {})
     device = machine.attach(image)
@@ -458,7 +702,8 @@ def test_gpt_root_partition_one_at_the_end(machine):
         "10FixPartitionTable", "20FilesystemResizeUnmounted", "30MountImage")]
     assert "Warning" not in "".join(outputs)
     assert os.path.ismount(machine.target / "boot/efi")
-    machine.run("80UmountImage", env)
+    for task in ("40FilesystemResizeMounted", "80UmountImage", "81FilesystemResizeAfterUmount"):
+        machine.run(task, env)
     parts = {int(p["node"].rsplit("p", 1)[1]): p for p in table(device)["partitions"]}
     assert parts[1]["start"] + parts[1]["size"] == 256 * MIB // 512 - 2048
     assert parts[15]["size"] == 16 * 2048

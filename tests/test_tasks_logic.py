@@ -32,7 +32,6 @@ MOUNT = load_task("30MountImage")
 NETWORK = load_task("50ConfigureNetwork")
 PERSONALITY = load_task("60EnforcePersonality")
 HOSTNAME = load_task("50AssignHostname")
-RESIZE = load_task("20FilesystemResizeUnmounted")
 RESIZE_MOUNTED = load_task("40FilesystemResizeMounted")
 SSHKEYS = load_task("50DeleteSSHKeys")
 SWAP = load_task("50AddSwap")
@@ -699,9 +698,11 @@ def ext_superblock(state=1, compat=0, incompat=0, ro_compat=0):
 
 
 def test_ext_superblock_state_type_and_btrfs_parsing():
-    assert RESIZE.ext_state(ext_superblock(state=2, incompat=0x4)) == ("not clean with errors", True)
-    assert RESIZE.ext_state(ext_superblock(state=0)) == ("not clean", False)
-    assert RESIZE.ext_state(ext_superblock(state=1, incompat=0x2c2)) == ("clean", False)
+    for state, incompat, words, recovery in ((2, 0x4, "not clean with errors", True),
+                                             (0, 0, "not clean", False),
+                                             (1, 0x2c2, "clean", False)):
+        superblock = LIB.ExtSuperblock(ext_superblock(state=state, incompat=incompat))
+        assert (superblock.state_words(), superblock.needs_recovery()) == (words, recovery)
     assert LIB.ext_type(ext_superblock(incompat=0x2)) == "ext2"
     assert LIB.ext_type(ext_superblock(compat=0x4, incompat=0x6, ro_compat=0x3)) == "ext3"
     assert LIB.ext_type(ext_superblock(compat=0x4, incompat=0x2c2, ro_compat=0x46b)) == "ext4"
@@ -711,6 +712,54 @@ def test_ext_superblock_state_type_and_btrfs_parsing():
              "\tdevid    3 size 1.00GiB used 1MiB path /dev/null\n")
     assert RESIZE_MOUNTED.btrfs_devid(shown, "/dev/null") == "3"
     assert RESIZE_MOUNTED.btrfs_devid(shown, "/dev/zero") == "1"
+
+
+def ext4_superblock(blocks=261888, compat=0x14, incompat=0x2c2, ro_compat=0x46b,
+                    reserved_gdt=127, state=1):
+    """The superblock of the 1 GiB Debian test image's root (4 KiB blocks)."""
+    block = bytearray(ext_superblock(state, compat, incompat, ro_compat))
+    for offset, size, value in ((0x04, 4, blocks & 0xFFFFFFFF), (0x150, 4, blocks >> 32),
+                                (0x18, 4, 2), (0x14, 4, 0), (0x20, 4, 32768), (0x28, 4, 8192),
+                                (0x4C, 4, 1), (0x58, 2, 256), (0xCE, 2, reserved_gdt),
+                                (0xFE, 2, 64)):
+        block[offset:offset + size] = value.to_bytes(size, "little")
+    return LIB.ExtSuperblock(bytes(block))
+
+
+def test_ext_growth_plan_from_the_superblock():
+    sb = ext4_superblock()
+    # the benchmark's partition: 5763072 sectors, as resize2fs grows it
+    assert sb.fitting_blocks(5763072 * 512) == 720384
+    # a last group (22: no backup) of 100 blocks cannot hold its 514 blocks
+    # of metadata and 50 more; one of 600 can
+    assert sb.fitting_blocks((22 * 32768 + 100) * 4096 + 4095) == 22 * 32768
+    assert sb.fitting_blocks((22 * 32768 + 600) * 4096) == 22 * 32768 + 600
+    assert sb.online_obstacle(720384) is None
+    assert [sb.has_backup(group) for group in range(10)] == \
+        [True, True, False, True, False, True, False, True, False, True]
+    assert not sb.has_backup(15) and sb.has_backup(25) and sb.has_backup(49)
+    cases = [({"incompat": 0x2c6}, "its journal needs recovery"),
+             ({"compat": 0x10}, "no journal"),
+             ({"ro_compat": 0x46b | 0x200}, "bigalloc"),
+             ({"compat": 0x214}, "sparse_super2"),
+             ({"compat": 0x4}, "neither resize_inode nor meta_bg"),
+             # 9 GiB: 72 groups, two descriptor blocks of 64
+             ({"reserved_gdt": 0, "size": 9 << 30}, "more group descriptors than the reserved ones"),
+             ({"state": 3}, "errors recorded"),
+             ({"blocks": 800000}, "larger than its partition")]
+    for fields, reason in cases:
+        size = fields.pop("size", 5763072 * 512)
+        changed = ext4_superblock(**fields)
+        assert changed.online_obstacle(changed.fitting_blocks(size)) == reason
+    nine_gib = ext4_superblock().fitting_blocks(9 << 30)
+    assert ext4_superblock(reserved_gdt=1).online_obstacle(nine_gib) is None
+    # mounted, the journal in use says it needs recovery: that is no obstacle then
+    assert ext4_superblock(incompat=0x2c6).online_obstacle(720384, mounted=True) is None
+    assert ext4_superblock(compat=0x4, incompat=0x2d2).online_obstacle(720384) is None  # meta_bg
+    narrow = ext4_superblock(incompat=0x242)                 # 32-bit: 16 TiB at most
+    assert narrow.fitting_blocks(1 << 44) == (1 << 32) - 1
+    assert narrow.fitting_blocks(1 << 45) is None
+    assert narrow.online_obstacle(None) == "too large for a 32-bit file system"
 
 
 def test_ssh_key_types_and_selinux_config():
