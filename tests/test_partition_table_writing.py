@@ -12,11 +12,11 @@ the cached real Debian and Windows test images are grown both ways too."""
 
 import json
 import os
-import subprocess
 
 import pytest
 
 from conftest import CACHE_DIR, load_script, require, require_programs, require_root
+from test_tasks_disk import sh
 
 pytestmark = pytest.mark.root
 
@@ -24,14 +24,6 @@ HELPER = load_script("snf-image-helper.py", "snf_image_helper")
 FIX = load_script("tasks.d/10FixPartitionTable", "task_fixpartitiontable")
 MIB = 1024 * 1024
 GIB = 1024 * MIB
-LINUX = "0FC63DAF-8483-4772-8E79-3D69D8477DE4"
-ESP = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
-BIOS_BOOT = "21686148-6449-6E6F-744E-656564454649"
-
-
-def sh(*argv, **kwargs):
-    kwargs.setdefault("check", True)
-    return subprocess.run([str(a) for a in argv], capture_output=True, text=True, **kwargs)
 
 
 @pytest.fixture
