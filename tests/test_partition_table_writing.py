@@ -318,6 +318,64 @@ def test_gpt_damaged_or_odd_primary_is_left_to_sgdisk(loops, tmp_path, offset):
 
 
 # --------------------------------------------------------------------------
+# What the Python writer refuses (sfdisk then decides, and says why)
+# --------------------------------------------------------------------------
+
+def mbr_sector(*entries):
+    """Sector 0 with primary entries (number, start, size, type)."""
+    sector = bytearray(512)
+    sector[510:512] = b"\x55\xaa"
+    for number, start, size, type_ in entries:
+        offset = 446 + 16 * (number - 1)
+        sector[offset:offset + 16] = FIX.mbr_entry(0, start, size, type_, FIX.CHS_GEOMETRY)
+    return bytes(sector)
+
+
+def test_mbr_writer_refuses_overlaps_and_what_it_does_not_know():
+    sector = mbr_sector((1, 2048, 4096, 0x83), (2, 8192, 4096, 0x83))
+    C = FIX.Change
+    assert FIX.mbr_with_changes(sector, [C(1, 2048, 8192, None)], 100000) is None   # over 2
+    assert FIX.mbr_with_changes(sector, [C(2, 8192, 100000, None)], 100000) is None  # past the end
+    assert FIX.mbr_with_changes(sector, [C(2, 4096, 100, None)], 100000) is None    # other start
+    assert FIX.mbr_with_changes(sector, [C(2, 12288, 100, "82")], 100000) is None   # slot in use
+    assert FIX.mbr_with_changes(sector, [C(3, 12288, 100, "5")], 100000) is None    # extended
+    assert FIX.mbr_with_changes(sector, [C(5, 12288, 100, "82")], 100000) is None   # logical
+    assert FIX.mbr_with_changes(sector, [C(3, 10000, 100, "82")], 100000) is None   # inside 2
+    grown = FIX.mbr_with_changes(sector, [C(2, 8192, 80000, None), C(3, 90000, 100, "82")], 100000)
+    assert grown == mbr_sector((1, 2048, 4096, 0x83), (2, 8192, 80000, 0x83), (3, 90000, 100, 0x82))
+    extended = mbr_sector((1, 2048, 4096, 0x83), (2, 8192, 4096, 0x05))
+    assert FIX.mbr_with_changes(extended, [C(1, 2048, 5000, None)], 100000) is None
+    odd_flag = bytearray(sector)
+    odd_flag[446] = 0x01
+    assert FIX.mbr_with_changes(bytes(odd_flag), [C(2, 8192, 5000, None)], 100000) is None
+
+
+def test_gpt_writer_refuses_what_does_not_fit(tmp_path):
+    image = tmp_path / "disk.img"
+    sgdisk_image(image, 64 * MIB, "-n", "1:2048:+8M", "-n", "2:0:+8M")
+    data = image.read_bytes()
+    total = len(data) // 512
+
+    def layout():
+        return FIX.parse_gpt(data[:512], data[512:1024],
+                             lambda lba, count: data[lba * 512:(lba + count) * 512], total, 512)
+
+    C = FIX.Change
+    start2 = 2048 + 16384
+    assert layout() is not None
+    assert FIX.gpt_with_changes(data[:512], layout(), [C(1, 2048, 20000, None)], total, 512) is None
+    assert FIX.gpt_with_changes(data[:512], layout(), [C(2, start2, total, None)], total, 512) is None
+    assert FIX.gpt_with_changes(data[:512], layout(), [C(3, 30000, 10, FIX.GPT_SWAP_TYPE)],
+                                total, 512) is None      # inside partition 2
+    assert FIX.gpt_with_changes(data[:512], layout(), [C(2, start2, 20000, FIX.GPT_SWAP_TYPE)],
+                                total, 512) is None      # entry in use
+    assert FIX.gpt_with_changes(data[:512], layout(), [C(129, 60000, 10, FIX.GPT_SWAP_TYPE)],
+                                total, 512) is None      # no such entry
+    writes = FIX.gpt_with_changes(data[:512], layout(), [C(2, start2, 40000, None)], total, 512)
+    assert [lba for lba, _ in writes] == [total - 33, 1, 0]
+
+
+# --------------------------------------------------------------------------
 # The cached real test images (only their partition table areas are copied)
 # --------------------------------------------------------------------------
 
