@@ -58,7 +58,7 @@ if sys.version_info < (3, 11):
 # ---------------------------------------------------------------------------
 
 # Bump when the root stage changes in a way the cache key does not see.
-ROOT_RECIPE_VERSION = 4
+ROOT_RECIPE_VERSION = 7
 
 # upstream's file of this program: HELPER_URL only (SNF_IMAGE_UPDATE_HELPER_CONFIG overrides)
 UPDATE_HELPER_CONFIG_FILE = "/etc/default/snf-image-update-helper"
@@ -154,13 +154,13 @@ def run(argv, *, env=None, capture=False, input=None):
     return proc.stdout if capture else None
 
 
-def run_logged(argv, log_path, *, env=None, heartbeat=10.0):
+def run_logged(argv, log_path, *, env=None, cwd=None, heartbeat=10.0):
     """Run a long program with its output in log_path, printing its latest
     log line every `heartbeat` seconds; raise HelperError on failure."""
     name = Path(argv[0]).name
     with open(log_path, "wb") as log, \
             running_process(argv, stdin=subprocess.DEVNULL, stdout=log,
-                            stderr=subprocess.STDOUT, env=env, start_new_session=True) as proc:
+                            stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True) as proc:
         next_report = time.monotonic() + heartbeat
         while proc.poll() is None:
             time.sleep(0.2)
@@ -998,6 +998,24 @@ def configure_root(root):
         (root / directory).mkdir(parents=True, exist_ok=True)
 
 
+# Parts of the standard library the helper and its tasks never import.
+UNCOMPILED_STDLIB_PARTS = r"/(test|idlelib|tkinter|turtledemo|lib2to3|ensurepip|pydoc_data)/"
+
+
+def precompile_standard_library(settings, root):
+    """Byte-compile the root's Python standard library, all of it (Debian's
+    maintainer scripts compile only part of it, timestamp-based), as
+    unchecked-hash .pyc files: the root never changes after this stage, and
+    the helper's root is read-only at boot, so a module without a valid .pyc
+    would be compiled from source at every boot (json, re, enum, subprocess,
+    tempfile: about 1 s of the helper's start-up under TCG), and a
+    timestamp-based one would depend on the file times surviving mkfs."""
+    directories = [f"/{path.relative_to(root)}" for path in sorted(root.glob("usr/lib/python3*"))
+                   if path.is_dir()]
+    run([*settings.programs["CHROOT"], str(root), "python3", "-m", "compileall", "-q", "-f",
+         "--invalidation-mode", "unchecked-hash", "-x", UNCOMPILED_STDLIB_PARTS, *directories])
+
+
 def find_in_root(root, program):
     """Path of a program in the root: /usr/bin, or /bin where an older suite's
     packages undid the merged /usr (dpkg -x replaces the bin -> usr/bin link)."""
@@ -1031,16 +1049,18 @@ def build_root_stage(settings, entry, mirror, log_path):
     env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "USER": "root", "HOME": "/root",
            "LC_ALL": "C", "DEBIAN_FRONTEND": "noninteractive",
            "INITRD": "No"}  # the kernel postinst must not build an initramfs
-    # multistrap and apt leave temporary files behind when killed: they get a
-    # directory of their own, removed whatever happens.
-    private_tmp = entry / "multistrap-tmp"
-    private_tmp.mkdir(mode=0o700)
-    env["TMPDIR"] = str(private_tmp)
+    # multistrap and apt leave temporary files behind when killed: they go to
+    # the root's own tmp (emptied by prune_root, removed with the staging
+    # directory on failure). TMPDIR must be relative, resolved from the root:
+    # multistrap opens "./" + the directory `mktemp -t` made for each
+    # package's maintainer scripts, so an absolute TMPDIR makes it lose them
+    # all, and no package gets configured.
+    (root / "tmp").mkdir(exist_ok=True)
+    (root / "tmp").chmod(0o1777)
+    env["TMPDIR"] = "tmp"
     step(f"multistrap: Debian {settings.suite} from {mirror} (about 20-60 s; log {log_path})")
-    try:
-        run_logged([*settings.programs["MULTISTRAP"], "-d", str(root), "-f", str(config)], log_path, env=env)
-    finally:
-        shutil.rmtree(private_tmp, ignore_errors=True)
+    run_logged([*settings.programs["MULTISTRAP"], "-d", str(root), "-f", str(config)], log_path,
+               env=env, cwd=root)
     if find_in_root(root, "python3") is None or find_in_root(root, "busybox") is None:
         raise HelperError(f"multistrap finished but the root lacks python3 or busybox (log: {log_path})")
     packages = installed_packages(root)
@@ -1078,6 +1098,8 @@ def build_root_stage(settings, entry, mirror, log_path):
     step("root: removing docs, man pages, locales, Perl")
     prune_root(root)
     configure_root(root)
+    step("python: byte-compiling the standard library")
+    precompile_standard_library(settings, root)
     info = {"suite": settings.suite, "mirror": mirror, "kernel_version": kernel_version,
             "kernel_format": kernel_format, "packages": packages,
             "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
