@@ -581,7 +581,8 @@ def parse_cmdline(text):
 
 
 def parse_rules(text):
-    """rules.json (DESIGN.md §5) → (env dict, list of disk serials)."""
+    """rules.json (DESIGN.md §5) → (env dict, list of disk serials, serial
+    of the prepared-material mailbox disk or None)."""
     try:
         rules = json.loads(text)
     except (ValueError, RecursionError) as error:
@@ -603,7 +604,10 @@ def parse_rules(text):
     disks = rules.get("disks", [])
     if not isinstance(disks, list) or not all(isinstance(disk, str) and disk for disk in disks):
         raise HelperError("rules.json: `disks' is not a list of disk serials")
-    return clean_env, disks
+    prepared = rules.get("prepared")
+    if prepared is not None and not (isinstance(prepared, str) and prepared):
+        raise HelperError("rules.json: `prepared' is not a disk serial")
+    return clean_env, disks, prepared
 
 
 def stringify_property(value):
@@ -1488,11 +1492,13 @@ class Deployment:
         """Upstream's task environment (plus SNF_IMAGE_MONITOR and
         SNF_IMAGE_HELPER_LIB), with the properties decoded."""
         with open(os.path.join(floppy_dir, "rules.json"), encoding="utf-8") as handle:
-            rules_env, serials = parse_rules(handle.read())
+            rules_env, serials, prepared_serial = parse_rules(handle.read())
         env = {"PATH": PATH, "HOME": "/root", "LC_ALL": "C", "LANG": "C",
                "PYTHONDONTWRITEBYTECODE": "1"}
         env.update(rules_env)
         disks = resolve_disks(serials)
+        if prepared_serial:     # host keys, hashes made on the node, posted while we boot
+            env["SNF_IMAGE_PREPARED"] = resolve_disks([prepared_serial])[0]
         for index, disk in enumerate(disks):
             env[f"SNF_IMAGE_DEV_{index}"] = disk
         env["SNF_IMAGE_DEV_COUNT"] = str(len(disks))
@@ -1500,8 +1506,6 @@ class Deployment:
             env["SNF_IMAGE_DEV"] = disks[0]
         env["SNF_IMAGE_UNATTEND"] = os.path.join(floppy_dir, "unattend.xml")
         env["SNF_IMAGE_SYSPREPINF"] = os.path.join(floppy_dir, "sysprep.inf")
-        if os.path.isfile(os.path.join(floppy_dir, "prepared.json")):   # host keys, hashes made on the node
-            env["SNF_IMAGE_PREPARED"] = os.path.join(floppy_dir, "prepared.json")
         env["HYPERVISOR"] = hypervisor
         env["RULES_DEV"] = rules_dev
         env["SNF_IMAGE_MONITOR"] = self.progress_port

@@ -3291,7 +3291,7 @@ def floppy_files(config, rules, params):
 
 
 def write_floppy(workdir, config, files):
-    """Write `files` (floppy_files, plus prepared.json) into a 1440 KiB ext2 image (mkfs.ext2 -d)."""
+    """Write `files` (floppy_files) into a 1440 KiB ext2 image (mkfs.ext2 -d)."""
     content = os.path.join(workdir, "floppy-content")
     os.mkdir(content, 0o700)
     try:
@@ -3332,6 +3332,14 @@ PREPARED_HASH_PREFIXES = {"yescrypt": ("$y$", 0), "sha512": ("$6$", 0), "sha256"
 DEFAULT_PREPARED_METHODS = ("yescrypt", "sha512")
 PREPARED_USERS_MAX = 16
 PREPARED_KEYGEN_TIMEOUT = 60
+# The mailbox disk (DESIGN.md §5): a header block, then the JSON payload.
+# The host fills it while the helper boots; the tasks wait for its header.
+PREPARED_SERIAL = "snf-prepared"
+MAILBOX_MAGIC = b"SNFPREP1"
+MAILBOX_READY, MAILBOX_NOTHING = b"R", b"N"
+MAILBOX_HEADER_SIZE = 4096
+MAILBOX_PAYLOAD_MAX = 60 * 1024
+MAILBOX_SIZE = MAILBOX_HEADER_SIZE + MAILBOX_PAYLOAD_MAX
 LIBCRYPT = "libcrypt.so.1"
 CRYPT_DATA_SIZE = 32768             # sizeof(struct crypt_data) in libxcrypt
 NO_VALUES = ("no", "false", "off", "0", "unset", "")
@@ -3385,11 +3393,50 @@ def node_crypt(functions, password, method):
     return hashed if hashed.startswith(setting.decode("ascii", "replace")) else None
 
 
+def mailbox_header(state, payload=b""):
+    """The mailbox's first block: magic, state, payload length, SHA-256 of the payload."""
+    import hashlib
+    header = MAILBOX_MAGIC + state + struct.pack("<I", len(payload)) + hashlib.sha256(payload).digest()
+    return header.ljust(MAILBOX_HEADER_SIZE, b"\0")
+
+
+def create_mailbox(path):
+    """The empty mailbox disk image (0600, its blocks allocated: filling it
+    later cannot fail for want of space)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, bytes(MAILBOX_SIZE))
+    finally:
+        os.close(fd)
+    return path
+
+
+def fill_mailbox(path, payload):
+    """Post `payload` (bytes, or None for "nothing prepared") into the
+    mailbox: the payload first, then the header that announces it, so that
+    a reader never takes a half-written payload for a complete one."""
+    if payload is not None and len(payload) > MAILBOX_PAYLOAD_MAX:
+        warn(f"the material prepared on the node ({len(payload)} bytes) exceeds the mailbox; "
+             "the helper makes it itself")
+        payload = None
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        if payload is None:
+            os.pwrite(fd, mailbox_header(MAILBOX_NOTHING), 0)
+        else:
+            os.pwrite(fd, payload, MAILBOX_HEADER_SIZE)
+            os.pwrite(fd, mailbox_header(MAILBOX_READY, payload), 0)
+    finally:
+        os.close(fd)
+
+
 class HostPreparation:
     """SSH host keys and password hashes made on the node (native CPU, not
-    the helper's TCG) while the image is copied, for 50DeleteSSHKeys and
-    50ChangePassword; the tasks use them only when they are what they would
-    make themselves. ssh-keygen writes into a private directory of the work
+    the helper's TCG) for 50DeleteSSHKeys and 50ChangePassword; the tasks
+    use them only when they are what they would make themselves. The work
+    starts before the copy; `deliver` posts the result into the mailbox disk
+    while the helper boots, so nobody waits for it unless a task needs it
+    sooner. ssh-keygen writes into a private directory of the work
     directory, removed as soon as the keys are read (and with the work
     directory on any exit). Anything missing on the node (ssh-keygen,
     libxcrypt, a method) just leaves that part to the helper."""
@@ -3398,6 +3445,13 @@ class HostPreparation:
         self.workdir, self.config = workdir, config
         self.params, self.image_format, self.instance = params, image_format, instance
         self.keygens, self.key_dir, self.hasher, self.hashes = {}, None, None, {}
+        self.mailbox, self.deliverer = None, None
+
+    @property
+    def announced(self):
+        """Whether the helper gets a mailbox (the tasks may ask for something)."""
+        key_types, methods, _users = self.wanted()
+        return bool(key_types or methods)
 
     def wanted(self):
         """(key types, hash methods, users) the helper may ask for."""
@@ -3422,6 +3476,8 @@ class HostPreparation:
 
     def __enter__(self):
         key_types, methods, users = self.wanted()
+        if key_types or methods:
+            self.mailbox = create_mailbox(os.path.join(self.workdir, "prepared.img"))
         import shutil
         if key_types and shutil.which(self.config.SSH_KEYGEN[0]):
             import tempfile
@@ -3451,7 +3507,7 @@ class HostPreparation:
                 self.hashes[method] = hashes
 
     def collect(self):
-        """prepared.json (bytes) with what was made, or None."""
+        """The JSON payload (bytes) with what was made, or None."""
         keys = {}
         deadline = time.monotonic() + PREPARED_KEYGEN_TIMEOUT
         for kind, process in self.keygens.items():
@@ -3478,6 +3534,25 @@ class HostPreparation:
         return json.dumps({"format": 1, "ssh_host_keys": keys, "password_hashes": hashes},
                           indent=1, sort_keys=True).encode()
 
+    def deliver(self):
+        """Collect and post into the mailbox in the background (a no-op
+        without a mailbox); an answer is posted whatever happens."""
+        if self.mailbox is None:
+            return
+
+        def collect_and_post():
+            try:
+                payload = self.collect()
+            except Exception as error:      # a bug: the tasks then make everything themselves
+                warn(f"preparing keys and hashes on the node failed: {error}")
+                payload = None
+            try:
+                fill_mailbox(self.mailbox, payload)
+            except OSError as error:
+                warn(f"cannot post into the mailbox {self.mailbox}: {error.strerror}")
+        self.deliverer = threading.Thread(target=collect_and_post, name="prepared-mailbox", daemon=True)
+        self.deliverer.start()
+
     def _discard_keys(self):
         for process in self.keygens.values():
             if process.poll() is None:
@@ -3490,19 +3565,18 @@ class HostPreparation:
             self.key_dir = None
 
     def __exit__(self, *exc_info):
+        if self.deliverer is not None:
+            for process in list(self.keygens.values()):   # the helper is done: stop waiting for keys
+                if process.poll() is None:
+                    process.kill()
+            self.deliverer.join()
+            self.deliverer = None
         self._discard_keys()
         self.hashes = {}
-
-
-def add_prepared(files, prepared):
-    """`files` with prepared.json added when it fits the rules disk's budget."""
-    if prepared is None:
-        return files
-    total = sum(-(-len(data or b"") // 1024) * 1024 for data in (*files.values(), prepared))
-    if total > FLOPPY_BUDGET:
-        log("the material prepared on the node does not fit on the rules floppy: the helper makes it")
-        return files
-    return {**files, "prepared.json": prepared}
+        if self.mailbox is not None:    # the helper is gone: its unused keys go too
+            with suppress(FileNotFoundError):
+                os.unlink(self.mailbox)
+            self.mailbox = None
 
 
 HELPER_RELEASE_FILES = ("kernel", "initrd", "image")
@@ -3712,15 +3786,16 @@ def helper_firmware():
     return next((path for path in HELPER_FIRMWARE_CANDIDATES if os.path.isfile(path)), None)
 
 
-def helper_command(config, release, accel, disks, rules, ports, *, kernel=None, init=HELPER_INIT,
-                   extra_append=()):
+def helper_command(config, release, accel, disks, rules, ports, *, prepared=None, kernel=None,
+                   init=HELPER_INIT, extra_append=()):
     """The helper VM's qemu command line (DESIGN.md §4). The one place it is
     built: `create`, the builder's --check and tools/bench-helper.py use it.
 
     `rules` is the rules image (None: no rules disk and no activation flag, as
     the builder's boot check wants); `ports` maps console, result and progress
     to an inherited descriptor (int) or a file path (str); a missing port is
-    discarded. `kernel` replaces the release's kernel (the benchmark's bzImage)."""
+    discarded. `prepared` is the mailbox disk of HostPreparation (§5), if any.
+    `kernel` replaces the release's kernel (the benchmark's bzImage)."""
     append = [*HELPER_KERNEL_OPTIONS, f"init={init}", "hypervisor=kvm"]
     if rules is not None:
         append += ["snf_image_activate_helper", f"rules_serial={RULES_SERIAL}"]
@@ -3747,6 +3822,10 @@ def helper_command(config, release, accel, disks, rules, ports, *, kernel=None, 
     if rules is not None:
         argv += ["-drive", f"file={qemu_drive_value(str(rules))},format=raw,if=none,id=rules,readonly=on",
                  "-device", f"virtio-blk-pci,drive=rules,serial={RULES_SERIAL}"]
+    if prepared is not None:    # filled while the guest runs: qemu reads it through the page cache
+        argv += ["-drive", f"file={qemu_drive_value(str(prepared))},format=raw,if=none,id=prepared,"
+                           "readonly=on,cache=writeback",
+                 "-device", f"virtio-blk-pci,drive=prepared,serial={PREPARED_SERIAL}"]
     for name in ("console", "result", "progress"):
         port = ports.get(name)
         if port is None:
@@ -3807,12 +3886,13 @@ class LineRelay:
             self.pending = b""
 
 
-def run_helper_vm(config, monitor, release, disks, floppy, workdir):
-    """Boot the helper with the instance's disks and the floppy; raise unless SUCCESS."""
+def run_helper_vm(config, monitor, release, disks, floppy, workdir, prepared=None):
+    """Boot the helper with the instance's disks, the floppy and the mailbox
+    disk `prepared` (if any); raise unless SUCCESS."""
     accel = choose_accelerator(config)
     monitor.info("Starting customization VM...")
     log(f"helper VM: {release}, accel {accel}, {config.HELPER_MEMORY} MiB, user {config.HELPER_USER}")
-    run_qemu_helper(lambda fds: helper_command(config, release, accel, disks, floppy, fds),
+    run_qemu_helper(lambda fds: helper_command(config, release, accel, disks, floppy, fds, prepared=prepared),
                     config, monitor, workdir)
     monitor.info("Customization VM exited normally.")
 
@@ -4019,8 +4099,10 @@ def deploy_image(job):
     # the work directory holds the floppy: only the helper VM needs one. The
     # floppy's files come first: answer files fetched and its size budget
     # checked before the first byte reaches the disk. The floppy itself is
-    # written after the copy, with what the node prepared meanwhile.
+    # written after the copy; what the node prepares meanwhile follows in the
+    # mailbox disk while the helper boots.
     with private_temp_dir(config.TEMP_DIR) if run_helper else nullcontext() as workdir:
+        preparation = HostPreparation(workdir, config, params, image_format, instance) if run_helper else None
         if run_helper:
             rules = {
                 "format": 1,
@@ -4028,16 +4110,18 @@ def deploy_image(job):
                                           bool(params.get("os_answer_file")) and not config.UNATTEND),
                 "disks": [f"snf-disk{disk.index}" for disk in disks],
             }
+            if preparation.announced:
+                rules["prepared"] = PREPARED_SERIAL
             files = floppy_files(config, rules, params)
-        with HostPreparation(workdir, config, params, image_format, instance) if run_helper \
-                else nullcontext() as preparation:
+        with preparation or nullcontext():
             with open_image_source(config, img_id, image_format) as source:
                 copy_image(job, source)
             if not run_helper:
                 monitor.info("Image copied; --no-helper given: the image was NOT customized.")
                 return
-            floppy = write_floppy(workdir, config, add_prepared(files, preparation.collect()))
-        run_helper_vm(config, monitor, release, disks, floppy, workdir)
+            floppy = write_floppy(workdir, config, files)
+            preparation.deliver()
+            run_helper_vm(config, monitor, release, disks, floppy, workdir, preparation.mailbox)
         monitor.info("Image customization finished successfully.")
 
 

@@ -1268,8 +1268,77 @@ def unit_will_run(root, name, first_boot=None, pulled=None):
 
 
 # --------------------------------------------------------------------------
-# Material prepared on the node (rules disk: prepared.json)
+# Material prepared on the node (the mailbox disk, DESIGN.md §5)
 # --------------------------------------------------------------------------
+
+MAILBOX_MAGIC = b"SNFPREP1"
+MAILBOX_READY, MAILBOX_NOTHING = b"R", b"N"
+MAILBOX_HEADER_SIZE = 4096
+MAILBOX_PAYLOAD_MAX = 60 * 1024
+# the host answers within its keygen timeout (60 s) of the helper's start
+MAILBOX_WAIT = 90.0
+MAILBOX_POLL = 0.02
+# a header whose payload does not match is re-read for this long (a read
+# that overlapped the host's write), then taken as no material
+MAILBOX_SETTLE = 1.0
+
+
+def read_mailbox(path, wait=MAILBOX_WAIT):
+    """The payload (bytes) the host posted into the mailbox `path`, waiting
+    up to `wait` seconds for it; None when the host posted nothing, gave no
+    answer in time or the mailbox does not hold a consistent payload. A
+    block device is read with O_DIRECT: the guest's page cache would keep
+    showing the empty mailbox the kernel read at boot."""
+    import hashlib
+    import mmap
+    import struct
+    import time
+    flags = os.O_RDONLY | os.O_CLOEXEC
+    try:
+        if stat.S_ISBLK(os.stat(path).st_mode):
+            flags |= os.O_DIRECT
+        fd = os.open(path, flags)
+    except OSError as error:
+        helper.warn(f"cannot open the mailbox {path}: {error.strerror}")
+        return None
+    started = time.monotonic()
+    told, inconsistent_since = False, None
+    try:
+        with mmap.mmap(-1, MAILBOX_HEADER_SIZE + MAILBOX_PAYLOAD_MAX) as buffer, \
+                memoryview(buffer) as view:   # page-aligned, as O_DIRECT wants
+            while True:
+                os.preadv(fd, [view[:MAILBOX_HEADER_SIZE]], 0)
+                magic, state = bytes(view[:8]), bytes(view[8:9])
+                if magic == MAILBOX_MAGIC and state == MAILBOX_NOTHING:
+                    return None
+                if magic == MAILBOX_MAGIC and state == MAILBOX_READY:
+                    length, digest = struct.unpack("<I", view[9:13])[0], bytes(view[13:45])
+                    if length <= MAILBOX_PAYLOAD_MAX:
+                        aligned = -(-length // 4096) * 4096
+                        got = os.preadv(fd, [view[MAILBOX_HEADER_SIZE:MAILBOX_HEADER_SIZE + aligned]],
+                                        MAILBOX_HEADER_SIZE) if aligned else 0
+                        payload = bytes(view[MAILBOX_HEADER_SIZE:MAILBOX_HEADER_SIZE + length])
+                        if got >= length and hashlib.sha256(payload).digest() == digest:
+                            return payload
+                    inconsistent_since = inconsistent_since or time.monotonic()
+                    if time.monotonic() - inconsistent_since > MAILBOX_SETTLE:
+                        helper.warn("the mailbox of material prepared on the node is inconsistent; "
+                                    "making it here")
+                        return None
+                elapsed = time.monotonic() - started
+                if elapsed > wait:
+                    helper.warn(f"no answer from the node in the mailbox within {wait:.0f} s; making it here")
+                    return None
+                if elapsed > 0.5 and not told:
+                    info("waiting for the SSH host keys and password hashes being made on the node")
+                    told = True
+                time.sleep(MAILBOX_POLL)
+    except OSError as error:
+        helper.warn(f"cannot read the mailbox {path}: {error.strerror}")
+        return None
+    finally:
+        os.close(fd)
+
 
 def prepared(section):
     """The `section` (ssh_host_keys, password_hashes) of what the host made
@@ -1278,11 +1347,13 @@ def prepared(section):
     path = env("PREPARED")
     if not path:
         return {}
+    payload = read_mailbox(path)
+    if payload is None:
+        return {}
     import json
     try:
-        with open(path, encoding="utf-8") as handle:
-            material = json.load(handle)
-    except (OSError, ValueError):
+        material = json.loads(payload)
+    except ValueError:
         return {}
     value = material.get(section) if isinstance(material, dict) and material.get("format") == 1 else None
     return value if isinstance(value, dict) else {}

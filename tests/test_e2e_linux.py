@@ -87,6 +87,9 @@ class Scenario:
     root_fstype: str = "ext4"
     first_boot_keygen: bool = False  # the image's own first-boot unit makes the SSH host keys
     node_keygen: bool = True   # the node has ssh-keygen (else the helper makes the host keys)
+    # seconds the node's ssh-keygen takes before it starts: longer than the
+    # helper's boot, so that the tasks wait for the mailbox in the guest
+    node_keygen_delay: int = 0
 
 
 SCENARIOS = {
@@ -98,8 +101,9 @@ SCENARIOS = {
     # Numbered like Debian's official cloud images: root is partition 1 but the
     # last on the disk, after 14 (BIOS boot) and 15 (ESP, vfat /boot/efi in
     # fstab); autodetection; the new swap partition 2 comes after the root.
+    # The node's ssh-keygen is slow: the tasks wait for its keys in the mailbox.
     "gpt-cloud": Scenario("gpt-cloud", "vm4.example.org", {"SWAP": f"2:{SWAP_MIB}"},
-                          swap_partition=2, root_partition=1),
+                          swap_partition=2, root_partition=1, node_keygen_delay=25),
     # cloud-init does the growing, and turns SWAP into a swap file.
     "mbr-cloudinit": Scenario("mbr-cloudinit", "vm3.example.org",
                               {"OSFAMILY": "linux", "ROOT_PARTITION": "1", "CLOUD_INIT": "yes",
@@ -234,11 +238,17 @@ def deploy_and_boot(scenario, workdir):
     variants = workdir / "variants"
     variants.mkdir()
     (variants / "default.conf").write_text("")
+    keygen = "ssh-keygen" if scenario.node_keygen else "/nonexistent/ssh-keygen"
+    if scenario.node_keygen_delay:
+        slow_keygen = workdir / "slow-ssh-keygen"
+        slow_keygen.write_text(f'#!/bin/sh\nsleep {scenario.node_keygen_delay}\nexec ssh-keygen "$@"\n')
+        slow_keygen.chmod(0o755)
+        keygen = str(slow_keygen)
     config = workdir / "snf-image.conf"
     config.write_text(f'IMAGE_DIR="{IMAGES_DIR}"\nVARIANTS_DIR="{variants}"\n'
                       f'HELPER_DIR="{helper_dir}"\nHELPER_ACCEL="tcg"\n'
                       'HELPER_SOFT_TIMEOUT="15m"\nHELPER_HARD_TIMEOUT="30"\n'
-                      + ('' if scenario.node_keygen else 'SSH_KEYGEN="/nonexistent/ssh-keygen"\n'))
+                      f'SSH_KEYGEN="{keygen}"\n')
     os_dir = ganeti_env.install_os_dir(workdir / "os")
     disk = workdir / "disk0.img"
     with open(disk, "wb") as handle:
@@ -415,6 +425,9 @@ def test_ssh_host_keys_are_new(deployment):
     elif scenario.node_keygen:      # made on the node while the image was copied
         assert "New SSH host keys prepared on the node: /etc/ssh/ssh_host_" in log
         assert "New SSH host keys made:" not in log
+        if scenario.node_keygen_delay:  # posted into the mailbox while the tasks waited for it
+            assert log.count("waiting for the SSH host keys and password hashes being made") >= 1
+            assert "no answer from the node" not in log and "inconsistent" not in log
     else:                           # the fallback: the helper's own ssh-keygen
         assert "prepared on the node: SSH host keys (none)" in log
         assert "New SSH host keys made: /etc/ssh/ssh_host_" in log

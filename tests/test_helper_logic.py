@@ -35,11 +35,12 @@ def test_cmdline_flags_and_parameters():
 # -- rules.json -----------------------------------------------------------------
 
 def test_rules_parsed():
-    env, disks = helper.parse_rules(json.dumps({
+    env, disks, prepared = helper.parse_rules(json.dumps({
         "format": 1, "env": {"SNF_IMAGE_HOSTNAME": "vm1", "SNF_IMAGE_PASSWD": "s3cr'et\n"},
-        "disks": ["snf-disk0", "snf-disk1"]}))
+        "disks": ["snf-disk0", "snf-disk1"], "prepared": "snf-prepared"}))
     assert env == {"SNF_IMAGE_HOSTNAME": "vm1", "SNF_IMAGE_PASSWD": "s3cr'et\n"}
     assert disks == ["snf-disk0", "snf-disk1"]
+    assert prepared == "snf-prepared"
 
 
 @pytest.mark.parametrize("text, fragment", [
@@ -53,6 +54,8 @@ def test_rules_parsed():
     ('{"format": 1, "env": {"SNF_IMAGE_X": "a\\u0000b"}, "disks": []}', "not a string"),
     ('{"format": 1, "env": {}, "disks": "snf-disk0"}', "not a list"),
     ('{"format": 1, "env": {}, "disks": [""]}', "not a list"),
+    ('{"format": 1, "env": {}, "disks": [], "prepared": 1}', "`prepared' is not a disk serial"),
+    ('{"format": 1, "env": {}, "disks": [], "prepared": ""}', "`prepared' is not a disk serial"),
 ])
 def test_bad_rules_rejected_with_one_line(text, fragment):
     with pytest.raises(helper.HelperError) as caught:
@@ -347,7 +350,7 @@ def test_warn_goes_to_the_progress_port(tmp_path, monkeypatch, capsys):
                                max_size=30)),
        st.lists(st.text(min_size=1, max_size=20), max_size=4))
 def test_rules_round_trip(env, disks):
-    assert helper.parse_rules(json.dumps({"format": 1, "env": env, "disks": disks})) == (env, disks)
+    assert helper.parse_rules(json.dumps({"format": 1, "env": env, "disks": disks})) == (env, disks, None)
 
 
 @settings(max_examples=300, deadline=None)

@@ -266,6 +266,12 @@ def test_helper_command_line(tmp_path):
     debug = host.helper_command(host.finalize_config({"HELPER_DEBUG": "yes"}), "/h", "kvm", disks, "/f",
                                 {"console": 5, "result": 6, "progress": 7})
     assert "snf_image_debug_helper" in " ".join(debug) and "pty" in debug
+    # the mailbox of prepared keys and hashes: read-only for the guest, read
+    # through the page cache so that what the host posts later is seen
+    assert "snf-prepared" not in joined
+    mailbox = " ".join(host.helper_command(config, "/h", "tcg", disks, "/f", {}, prepared="/run/x/prepared.img"))
+    assert "file=/run/x/prepared.img,format=raw,if=none,id=prepared,readonly=on,cache=writeback" in mailbox
+    assert "virtio-blk-pci,drive=prepared,serial=snf-prepared" in mailbox
 
 
 @pytest.mark.qemu

@@ -1,8 +1,9 @@
 """SSH host keys and password hashes made on the node (HostPreparation of
 snf-image-host.py) and their use by 50DeleteSSHKeys and 50ChangePassword:
 the real ssh-keygen and libxcrypt of the host make them, the real task
-scripts run against image trees with the resulting prepared.json, as in the
-helper.  A prepared key or hash reaches the image only when it is what the
+scripts run against image trees with the resulting mailbox, as in the
+helper, where the tasks wait for what the host posts while the helper boots.
+A prepared key or hash reaches the image only when it is what the
 task would make itself (type, size, form, comment; method and parameters,
 a distinct salt per user); anything else is made by the task, and unused
 material never reaches the image.  Writing root-owned files needs root."""
@@ -11,12 +12,16 @@ import ctypes
 import json
 import os
 import subprocess
+import threading
+import time
 
 import pytest
 
 from conftest import REPO, image_tree, load_script, require_programs, require_root
 
 HOST = load_script("snf-image-host.py")
+load_script("snf-image-helper.py", "snf_image_helper")    # what the task library imports
+LIB = load_script("tasks.d/snf_image_tasklib.py", "snf_image_tasklib")
 TASKS = REPO / "tasks.d"
 SECRET = "Canary-Prepared-Pw-9"
 SSHD_IMAGE = {"/etc/machine-id": "1" * 32 + "\n", "/usr/sbin/sshd": "",
@@ -45,11 +50,19 @@ def config(**overrides):
 
 
 def prepare(workdir, properties=None, **params):
+    """What a task finds in the mailbox: posted by `deliver` in the
+    background while the reader waits for it, as in a deployment."""
     params = {"img_passwd": SECRET, "img_properties": json.dumps(properties or {}), **params}
     with HOST.HostPreparation(str(workdir), config(), params, "diskdump", "vm7.example.org") as preparation:
-        material = preparation.collect()
-        assert os.listdir(workdir) == [], "ssh-keygen's directory is gone once the keys are read"
-    return json.loads(material) if material else None
+        assert (preparation.mailbox is not None) == preparation.announced
+        if preparation.mailbox is None:
+            assert preparation.collect() is None
+            return None
+        preparation.deliver()
+        payload = LIB.read_mailbox(preparation.mailbox, wait=60)
+        assert os.listdir(workdir) == ["prepared.img"], "ssh-keygen's directory is gone once the keys are read"
+    assert os.listdir(workdir) == [], "the mailbox is gone with the helper"
+    return json.loads(payload) if payload else None
 
 
 @pytest.fixture
@@ -65,8 +78,9 @@ def run(lib_dir, tmp_path):
                    "SNF_IMAGE_HOSTNAME": "vm7.example.org", "SNF_IMAGE_PASSWD": SECRET,
                    "SNF_IMAGE_PROPERTY_USERS": "root debian", **(properties or {})}
         if material is not None:
-            path = tmp_path / "prepared.json"
-            path.write_text(json.dumps(material))
+            path = tmp_path / "prepared.img"
+            path.unlink(missing_ok=True)
+            HOST.fill_mailbox(HOST.create_mailbox(str(path)), json.dumps(material).encode())
             environ["SNF_IMAGE_PREPARED"] = str(path)
         result = subprocess.run([str(TASKS / task)], env=environ, capture_output=True,
                                 text=True, timeout=300)
@@ -110,7 +124,7 @@ def test_the_node_prepares_what_the_tasks_make(tmp_path):
     ({"EXCLUDE_ALL_TASKS": "yes"}, {}, None, None),
     ({"EXCLUDE_TASK_CHANGEPASSWORD": "1"}, {}, 3, []),
     ({}, {"img_passwd_hash": "$6$abc$def"}, 3, []),                   # stored as given
-    ({"USERS": " ".join(f"u{n}" for n in range(40))}, {}, 3, []),     # too many for the rules disk
+    ({"USERS": " ".join(f"u{n}" for n in range(40))}, {}, 3, []),     # more users than are prepared for
 ])
 def test_what_is_prepared(tmp_path, properties, params, keys, methods):
     require_programs("ssh-keygen")
@@ -129,14 +143,52 @@ def test_a_node_without_ssh_keygen_or_libcrypt_prepares_nothing(tmp_path, monkey
     params = {"img_passwd": SECRET, "img_properties": "{}"}
     with HOST.HostPreparation(str(tmp_path / "work"), config(SSH_KEYGEN=["/nonexistent/ssh-keygen"]),
                               params, "diskdump", "vm7") as preparation:
-        assert preparation.collect() is None
+        preparation.deliver()
+        assert LIB.read_mailbox(preparation.mailbox, wait=30) is None, "the host posts that it has nothing"
 
 
-def test_prepared_material_that_does_not_fit_is_left_out():
-    files = {"rules.json": b"x" * (HOST.FLOPPY_BUDGET - 4096), "unattend.xml": b"u", "sysprep.inf": None}
-    assert "prepared.json" in HOST.add_prepared(files, b"{}")
-    assert "prepared.json" not in HOST.add_prepared(files, b"y" * 8192)
-    assert HOST.add_prepared(files, None) is files
+def test_the_mailbox_round_trip(tmp_path):
+    """The host's writer and the tasks' reader: a payload, "nothing", material
+    too large for the mailbox (posted as nothing) and a payload of every size
+    around the 4 KiB blocks the reader reads."""
+    for size in (0, 1, 4095, 4096, 4097, HOST.MAILBOX_PAYLOAD_MAX):
+        path = str(tmp_path / f"box-{size}")
+        HOST.fill_mailbox(HOST.create_mailbox(path), os.urandom(size))
+        assert os.stat(path).st_mode & 0o777 == 0o600
+        assert len(LIB.read_mailbox(path, wait=0)) == size
+    HOST.fill_mailbox(HOST.create_mailbox(str(tmp_path / "nothing")), None)
+    assert LIB.read_mailbox(str(tmp_path / "nothing"), wait=0) is None
+    HOST.fill_mailbox(HOST.create_mailbox(str(tmp_path / "big")), b"y" * (HOST.MAILBOX_PAYLOAD_MAX + 1))
+    assert LIB.read_mailbox(str(tmp_path / "big"), wait=0) is None
+    assert os.path.getsize(tmp_path / "big") == HOST.MAILBOX_SIZE
+
+
+def test_the_reader_waits_for_the_host(tmp_path, capsys):
+    """A task that asks before the host has posted waits (saying so once),
+    and takes the payload the moment it is posted; an empty mailbox that
+    stays empty is given up after the wait, as is an inconsistent one."""
+    path = str(tmp_path / "box")
+    HOST.create_mailbox(path)
+    poster = threading.Timer(1.0, HOST.fill_mailbox, (path, b'{"format": 1}'))
+    started = time.monotonic()
+    poster.start()
+    assert LIB.read_mailbox(path, wait=30) == b'{"format": 1}'
+    assert 1.0 <= time.monotonic() - started < 5
+    assert capsys.readouterr().err.count("waiting for the SSH host keys") == 1
+
+    HOST.create_mailbox(str(tmp_path / "empty"))
+    assert LIB.read_mailbox(str(tmp_path / "empty"), wait=0.3) is None
+    assert "no answer from the node" in capsys.readouterr().err
+
+    torn = str(tmp_path / "torn")
+    HOST.fill_mailbox(HOST.create_mailbox(torn), b'{"format": 1, "ssh_host_keys": {}}')
+    with open(torn, "r+b") as box:
+        box.seek(HOST.MAILBOX_HEADER_SIZE + 3)
+        box.write(b"X")
+    started = time.monotonic()
+    assert LIB.read_mailbox(torn, wait=30) is None
+    assert time.monotonic() - started < 5
+    assert "inconsistent" in capsys.readouterr().err
 
 
 def test_tasks_use_the_prepared_keys_and_hashes(run, tmp_path):
