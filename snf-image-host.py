@@ -3912,13 +3912,17 @@ def run_qemu_helper(build_argv, config, monitor, workdir):
         argv = build_argv(child_fds)
         if config.IMAGE_DEBUG:
             log("running: " + shlex.join(argv))
-        try:    # a process group of its own: a signal to ours is handled by us, then qemu stopped
-            process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=pipes["stderr"][1],
-                                       stderr=pipes["stderr"][1], pass_fds=tuple(child_fds.values()),
-                                       cwd=workdir, process_group=0)
-        except OSError as exc:
-            raise SnfError(f"cannot start the helper VM ({argv[0]}): {exc.strerror}", 3) from None
-        record_process(os.path.join(workdir, "qemu.pid"), process.pid)   # for the guard and the next run
+        # a process group of its own: a signal to ours is handled by us, then
+        # qemu stopped through its recorded pid (by us, the guard or the next
+        # run), so a stop signal waits until that pid is on record
+        with stop_signals_deferred():
+            try:
+                process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=pipes["stderr"][1],
+                                           stderr=pipes["stderr"][1], pass_fds=tuple(child_fds.values()),
+                                           cwd=workdir, process_group=0)
+            except OSError as exc:
+                raise SnfError(f"cannot start the helper VM ({argv[0]}): {exc.strerror}", 3) from None
+            record_process(os.path.join(workdir, "qemu.pid"), process.pid)
         for name in pipes:
             os.close(pipes[name][1])
             pipes[name] = (pipes[name][0], None)
@@ -4537,14 +4541,37 @@ def withhold_parameters_from_children():
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+_deferral = {"depth": 0, "pending": None}
+
+
+def _interrupted(signum):
+    return SnfError(f"interrupted by signal {signal.Signals(signum).name}")
 
 
 def _terminate(signum, _frame):
     """The first stop signal unwinds the operation (every resource is a context
-    manager); further ones are ignored so that they cannot cut the clean-up short."""
+    manager); further ones are ignored so that they cannot cut the clean-up short.
+    Inside stop_signals_deferred the unwinding waits for the end of the block."""
     for other in STOP_SIGNALS:
         signal.signal(other, signal.SIG_IGN)
-    raise SnfError(f"interrupted by signal {signal.Signals(signum).name}")
+    if _deferral["depth"]:
+        _deferral["pending"] = signum
+        return
+    raise _interrupted(signum)
+
+
+@contextmanager
+def stop_signals_deferred():
+    """A stop signal arriving inside the block takes effect at its end: what
+    the block does (start a process and record its pid) is not cut in two."""
+    _deferral["depth"] += 1
+    try:
+        yield
+    finally:
+        _deferral["depth"] -= 1
+    if not _deferral["depth"] and _deferral["pending"] is not None:
+        signum, _deferral["pending"] = _deferral["pending"], None
+        raise _interrupted(signum)
 
 
 def main(argv=None):

@@ -421,3 +421,23 @@ def test_the_helper_command_line_has_one_owner(tmp_path):
                and any(marker in path.read_text(errors="replace")
                        for marker in ("drive=helperroot", "rootfstype=ext4", "panic=-1"))]
     assert spelled == ["snf-image-host.py"]
+
+
+def test_a_stop_signal_waits_for_the_end_of_a_deferred_block():
+    """Starting qemu and recording its pid is not cut in two by SIGTERM: the
+    block runs to its end, then the operation unwinds with the usual line."""
+    import signal
+    saved = {signum: signal.getsignal(signum) for signum in host.STOP_SIGNALS}
+    try:
+        for signum in host.STOP_SIGNALS:
+            signal.signal(signum, host._terminate)
+        finished = []
+        with pytest.raises(host.SnfError, match="^interrupted by signal SIGTERM$"):
+            with host.stop_signals_deferred():
+                os.kill(os.getpid(), signal.SIGTERM)
+                finished.append("pid recorded")
+        assert finished == ["pid recorded"]
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN, "further signals are ignored"
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
