@@ -2937,11 +2937,8 @@ def write_qemu_image(job, source, reader, kind):
                            f"({target_size} bytes)")
         if extents is not None:
             log(f"{shown}: copied by its map ({len(extents)} extents)")
-            monitor.info("Starting image copy...")
-            progress = CopyProgress(monitor, virtual_size, config.PROGRESS_INTERVAL, "copy")
-            copied = copy_stream(MappedImageFile(fd, extents, virtual_size, shown), writer,
-                                 config.COPY_BUFFER_SIZE, progress, overlap=config.COPY_OVERLAP,
-                                 writers=config.COPY_WRITERS, sparse=config.SPARSE_COPY)
+            copied, progress = copy_with_progress(job, MappedImageFile(fd, extents, virtual_size, shown),
+                                                  writer, virtual_size)
             writer.sync()
             if copied != virtual_size:
                 raise SnfError(f"{shown}: {copied} of {virtual_size} bytes written")
@@ -3478,7 +3475,7 @@ class HostPreparation:
 
     def __enter__(self):
         key_types, methods, users = self.wanted()
-        if key_types or methods:
+        if self.announced:
             self.mailbox = create_mailbox(os.path.join(self.workdir, "prepared.img"))
         import shutil
         if key_types and shutil.which(self.config.SSH_KEYGEN[0]):
@@ -3555,10 +3552,14 @@ class HostPreparation:
         self.deliverer = threading.Thread(target=collect_and_post, name="prepared-mailbox", daemon=True)
         self.deliverer.start()
 
-    def _discard_keys(self):
-        for process in self.keygens.values():
+    def _kill_keygens(self):
+        for process in list(self.keygens.values()):
             if process.poll() is None:
                 process.kill()
+
+    def _discard_keys(self):
+        self._kill_keygens()
+        for process in self.keygens.values():
             process.wait()
         self.keygens = {}
         if self.key_dir:
@@ -3568,9 +3569,7 @@ class HostPreparation:
 
     def __exit__(self, *exc_info):
         if self.deliverer is not None:
-            for process in list(self.keygens.values()):   # the helper is done: stop waiting for keys
-                if process.poll() is None:
-                    process.kill()
+            self._kill_keygens()            # the helper is done: stop waiting for keys
             self.deliverer.join()
             self.deliverer = None
         self._discard_keys()
@@ -4154,9 +4153,21 @@ def copy_image(job, source):
     monitor.info(f"Image copy finished ({copied} bytes written to {shown_target}).")
 
 
+def copy_with_progress(job, reader, writer, total, header=b""):
+    """"Starting image copy...", then reader → writer by the copier with the
+    configured buffers, overlap, writers and sparseness, `header` first;
+    (bytes written, the CopyProgress for the caller's final update)."""
+    config, monitor = job.config, job.monitor
+    monitor.info("Starting image copy...")
+    progress = CopyProgress(monitor, total, config.PROGRESS_INTERVAL, "copy", skip=len(header))
+    copied = copy_stream(reader, writer, config.COPY_BUFFER_SIZE, progress, overlap=config.COPY_OVERLAP,
+                         prefix=header, writers=config.COPY_WRITERS, sparse=config.SPARSE_COPY)
+    return copied, progress
+
+
 def _copy_raw(job, source, reader, compression):
     """Copy a raw (possibly decompressed) stream; returns the bytes written."""
-    config, monitor, disk = job.config, job.monitor, job.disks[0]
+    config, disk = job.config, job.disks[0]
     image_format, boot_code, filesystem_dump = job.image_format, job.boot_code, job.filesystem_dump
     image_size = None if compression else source.size
     header = b""
@@ -4175,11 +4186,7 @@ def _copy_raw(job, source, reader, compression):
         if writer.size is not None and image_size is not None and image_size + len(header) > writer.size:
             raise SnfError(f"the image ({image_size + len(header)} bytes) is larger than disk "
                            f"{shown_target} ({writer.size} bytes)")
-        monitor.info("Starting image copy...")
-        progress = CopyProgress(monitor, image_size, config.PROGRESS_INTERVAL, "copy", skip=len(header))
-        copied = copy_stream(reader, writer, config.COPY_BUFFER_SIZE, progress,
-                             overlap=config.COPY_OVERLAP, prefix=header, writers=config.COPY_WRITERS,
-                             sparse=config.SPARSE_COPY)
+        copied, progress = copy_with_progress(job, reader, writer, image_size, header)
         drain(source.reader)       # a decompressor may stop early: size and checksum checks run at EOF
         source.finish()
         writer.sync()

@@ -1283,6 +1283,30 @@ MAILBOX_POLL = 0.02
 MAILBOX_SETTLE = 1.0
 
 
+def _read_mailbox_once(fd, view):
+    """One look into the mailbox through the page-aligned buffer `view`:
+    ("ready", payload), ("nothing", None), ("empty", None) while nothing is
+    posted, or ("torn", None) for a header whose payload does not match it."""
+    import struct
+    import zlib
+    os.preadv(fd, [view[:MAILBOX_HEADER_SIZE]], 0)
+    magic, state = bytes(view[:8]), bytes(view[8:9])
+    if magic != MAILBOX_MAGIC or state not in (MAILBOX_READY, MAILBOX_NOTHING):
+        return "empty", None
+    if state == MAILBOX_NOTHING:
+        return "nothing", None
+    length, checksum = struct.unpack("<II", view[9:17])
+    if length > MAILBOX_PAYLOAD_MAX:
+        return "torn", None
+    aligned = -(-length // 4096) * 4096
+    got = os.preadv(fd, [view[MAILBOX_HEADER_SIZE:MAILBOX_HEADER_SIZE + aligned]],
+                    MAILBOX_HEADER_SIZE) if aligned else 0
+    payload = bytes(view[MAILBOX_HEADER_SIZE:MAILBOX_HEADER_SIZE + length])
+    if got >= length and zlib.crc32(payload) == checksum:
+        return "ready", payload
+    return "torn", None
+
+
 def read_mailbox(path, wait=MAILBOX_WAIT):
     """The payload (bytes) the host posted into the mailbox `path`, waiting
     up to `wait` seconds for it; None when the host posted nothing, gave no
@@ -1290,9 +1314,7 @@ def read_mailbox(path, wait=MAILBOX_WAIT):
     block device is read with O_DIRECT: the guest's page cache would keep
     showing the empty mailbox the kernel read at boot."""
     import mmap
-    import struct
     import time
-    import zlib
     flags = os.O_RDONLY | os.O_CLOEXEC
     try:
         if stat.S_ISBLK(os.stat(path).st_mode):
@@ -1302,34 +1324,25 @@ def read_mailbox(path, wait=MAILBOX_WAIT):
         helper.warn(f"cannot open the mailbox {path}: {error.strerror}")
         return None
     started = time.monotonic()
-    told, inconsistent_since = False, None
+    told, torn_since = False, None
     try:
         with mmap.mmap(-1, MAILBOX_HEADER_SIZE + MAILBOX_PAYLOAD_MAX) as buffer, \
                 memoryview(buffer) as view:   # page-aligned, as O_DIRECT wants
             while True:
-                os.preadv(fd, [view[:MAILBOX_HEADER_SIZE]], 0)
-                magic, state = bytes(view[:8]), bytes(view[8:9])
-                if magic == MAILBOX_MAGIC and state == MAILBOX_NOTHING:
-                    return None
-                if magic == MAILBOX_MAGIC and state == MAILBOX_READY:
-                    length, checksum = struct.unpack("<II", view[9:17])
-                    if length <= MAILBOX_PAYLOAD_MAX:
-                        aligned = -(-length // 4096) * 4096
-                        got = os.preadv(fd, [view[MAILBOX_HEADER_SIZE:MAILBOX_HEADER_SIZE + aligned]],
-                                        MAILBOX_HEADER_SIZE) if aligned else 0
-                        payload = bytes(view[MAILBOX_HEADER_SIZE:MAILBOX_HEADER_SIZE + length])
-                        if got >= length and zlib.crc32(payload) == checksum:
-                            return payload
-                    inconsistent_since = inconsistent_since or time.monotonic()
-                    if time.monotonic() - inconsistent_since > MAILBOX_SETTLE:
+                kind, payload = _read_mailbox_once(fd, view)
+                if kind in ("ready", "nothing"):
+                    return payload
+                now = time.monotonic()
+                if kind == "torn":
+                    torn_since = torn_since or now
+                    if now - torn_since > MAILBOX_SETTLE:
                         helper.warn("the mailbox of material prepared on the node is inconsistent; "
                                     "making it here")
                         return None
-                elapsed = time.monotonic() - started
-                if elapsed > wait:
+                if now - started > wait:
                     helper.warn(f"no answer from the node in the mailbox within {wait:.0f} s; making it here")
                     return None
-                if elapsed > 0.5 and not told:
+                if now - started > 0.5 and not told:
                     info("waiting for the SSH host keys and password hashes being made on the node")
                     told = True
                 time.sleep(MAILBOX_POLL)
